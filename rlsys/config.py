@@ -1,0 +1,301 @@
+"""Typed configuration for every rlsys entry point (Hydra structured configs).
+
+The dataclasses below ARE the schema: defaults live here, YAML files under ``conf/`` hold overrides
+only. Hydra/OmegaConf reject unknown keys and wrong types while composing; ``validate`` then
+checks values and combinations, so a bad config fails at start-up, before any actor starts,
+with a message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ALGOS = ("grpo", "f_grpo", "dapo", "f_dapo", "cispo", "f_cispo")
+LOSS_TYPES = ("grpo", "dapo", "cispo")
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+DTYPES = ("bfloat16", "float32")
+WANDB_MODES = ("offline", "online", "disabled")
+RESUME_MODES = ("never", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and how to fix it."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"  # the Hydra app sets this to its run directory by default
+    name: Optional[str] = None  # W&B run name; default: algo-and-timestamp
+    resume: str = "never"  # "never" | "auto" (newest complete checkpoint in output_dir)
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 20
+    prompts_per_step: int = 8  # B, prompts per step (groups per step)
+    seed: int = 0
+    save_every: int = 0  # 0: save only at the end
+    eval_every: int = 0  # 0: no evaluation during training
+    keep_checkpoints: int = 2
+    log_samples: int = 2  # decoded samples printed per step
+    max_nonfinite_steps: int = 3  # abort after this many skipped non-finite steps in a row
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "f_grpo"  # grpo | f_grpo | dapo | f_dapo | cispo | f_cispo
+    loss_type: str = "grpo"  # the base objective; must match name without the "f_" prefix
+    group_size: int = 8  # G rollouts per prompt (the paper's N)
+    gamma: float = 0.5  # focal exponent: g = (1 - success_rate) ** gamma; 0 = plain GRPO
+    std_normalize: bool = True  # GRPO z-score; False = mean-centred only (Dr.GRPO)
+    adv_eps: float = 1e-6
+    success_threshold: Optional[float] = None  # non-binary rewards: reward >= this is a success
+    clip_low: Optional[float] = None  # None: the loss type's default (grpo .2, dapo .2, cispo 1.0)
+    clip_high: Optional[float] = None  # None: the loss type's default (grpo .2, dapo .28, cispo 5.0)
+    agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    kl_coef: float = 0.0  # k3 KL to the initial policy; 0 = off (the paper's setting)
+    entropy_coef: float = 0.0
+    dynamic_sampling: bool = False  # DAPO: keep only mixed groups, refill with fresh prompts
+    max_refill_rounds: int = 3  # dynamic sampling: extra generation rounds before giving up
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # a Hugging Face checkpoint directory; None: the built tiny model
+    tiny_size: str = "tiny"  # used when path is None: "tiny" (~1-5M params) or "100m"
+    tiny_seed: int = 0
+    dtype: str = "bfloat16"  # rollout engine and learner compute dtype
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    task: Optional[str] = "countdown"  # a built-in task (rlsys.tasks); None to read data.path
+    path: Optional[str] = None  # JSONL / Parquet file (used when task is None)
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    id_key: Optional[str] = None
+    verifier: str = "math"  # for files: "math" | "exact" | "regex" | "module:function"
+    system_prompt: Optional[str] = None
+    on_bad_row: str = "error"  # "error" | "skip" (counted and logged)
+    num_train: int = 2000  # generated tasks: rows in the train split
+    num_test: int = 128
+    limit: Optional[int] = None
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    num_cpus_per_worker: int = 1
+    num_gpus_per_worker: float = 0.0
+    max_tokens: int = 32  # response length cap (T)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kv_cache_memory_mb: int = 256  # CPU: explicit KV cache size
+    gpu_memory_utilization: float = 0.5  # GPU only
+    enforce_eager: bool = True  # torch.compile costs 25-45 s of start-up on CPU
+    timeout_s: float = 600.0  # a generate call that takes longer fails the step, naming the worker
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 1
+    procs_per_worker: int = 1  # sandboxed verifier processes inside each reward actor
+    num_cpus_per_worker: float = 0.5
+    timeout_s: float = 5.0  # hard wall-clock limit per sample; over it: reward 0, counted
+    success_threshold: float = 1.0  # a float reward >= this counts as correct
+    memory_limit_mb: int = 2048
+    allowed_functions: list[str] = field(default_factory=list)  # user "module:function" allow-list
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = 1
+    num_cpus_per_worker: int = 1
+    num_gpus_per_worker: float = 0.0
+    zero_stage: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8
+    gradient_checkpointing: bool = False
+    timeout_s: float = 900.0
+
+
+@dataclass
+class SyncConfig:
+    bucket_mb: int = 256  # weights travel in buckets of about this size
+    check: bool = True  # after each sync, compare rollout vs learner logprobs on a probe sequence
+    max_logprob_diff: float = 0.1  # fail loudly above this mean |diff| (bf16 noise is ~0.01)
+    timeout_s: float = 600.0
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: start a local loopback-only Ray cluster; else join it
+    num_cpus: Optional[int] = None  # local cluster size; None: this machine's CPU count
+    namespace: str = "rlsys"
+
+
+@dataclass
+class LoggerConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "rlsys"
+    entity: Optional[str] = None
+
+
+@dataclass
+class RLConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"invalid config {key}={value!r}: {why}")
+
+
+def _check_positive(cfg: Any, prefix: str, names: tuple[str, ...], allow_zero: bool = False) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if v < 0 or (v == 0 and not allow_zero):
+            _fail(f"{prefix}.{name}", v, "must be > 0" if not allow_zero else "must be >= 0")
+
+
+def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
+    """Check values and combinations; raise ConfigError naming the key and the fix.
+
+    ``available_cpus``: when given (local cluster), resource requests are checked against it.
+    """
+    a = cfg.algo
+    if a.name not in ALGOS:
+        _fail("algo.name", a.name, f"choose one of {', '.join(ALGOS)} (e.g. algo=f_grpo)")
+    if a.loss_type not in LOSS_TYPES:
+        _fail("algo.loss_type", a.loss_type, f"choose one of {', '.join(LOSS_TYPES)}")
+    base = a.name.removeprefix("f_")
+    if a.loss_type != base:
+        _fail("algo.loss_type", a.loss_type, f"algo.name={a.name} uses loss_type={base}; select the algo "
+              f"with the config group (algo={a.name}) rather than setting algo.name alone")
+    if a.group_size < 2:
+        _fail("algo.group_size", a.group_size, "a group needs >= 2 rollouts for a baseline (use >= 2, typically 8)")
+    if a.gamma < 0:
+        _fail("algo.gamma", a.gamma, "the focal exponent must be >= 0 (0 = plain GRPO; the paper uses 0.5 or 1.0)")
+    if not a.name.startswith("f_") and a.gamma != 0:
+        _fail("algo.gamma", a.gamma, f"algo={a.name} is the plain objective (gamma 0); use algo=f_{a.name} "
+              "for a focal weight")
+    for key in ("clip_low", "clip_high"):
+        v = getattr(a, key)
+        if v is not None and v < 0:
+            _fail(f"algo.{key}", v, "clip epsilons must be >= 0")
+    if a.loss_type in ("grpo", "dapo") and a.clip_low is not None and a.clip_high is not None \
+            and a.clip_high < a.clip_low:
+        _fail("algo.clip_high", a.clip_high, f"must be >= algo.clip_low={a.clip_low} (clip-higher widens "
+              "the upper bound, never narrows it)")
+    if a.loss_type == "grpo" and a.clip_low is not None and a.clip_high is not None \
+            and a.clip_low != a.clip_high:
+        _fail("algo.clip_high", a.clip_high, "grpo clips symmetrically; for an asymmetric clip use algo=dapo")
+    if a.agg not in AGG_MODES:
+        _fail("algo.agg", a.agg, f"choose one of {', '.join(AGG_MODES)}")
+    _check_positive(a, "algo", ("adv_eps",))
+    _check_positive(a, "algo", ("kl_coef", "entropy_coef", "max_refill_rounds"), allow_zero=True)
+
+    t = cfg.trainer
+    _check_positive(t, "trainer", ("total_steps", "prompts_per_step", "max_nonfinite_steps"))
+    _check_positive(t, "trainer", ("save_every", "eval_every", "keep_checkpoints", "log_samples"), allow_zero=True)
+    if t.keep_checkpoints < 1:
+        _fail("trainer.keep_checkpoints", t.keep_checkpoints, "keep at least 1 checkpoint")
+
+    m = cfg.model
+    if m.dtype not in DTYPES:
+        _fail("model.dtype", m.dtype, f"choose one of {', '.join(DTYPES)}")
+    if m.path is not None:
+        if not os.path.isdir(m.path):
+            _fail("model.path", m.path, "no such directory; point it at a Hugging Face checkpoint directory "
+                  "(config.json + weights + tokenizer), or leave it unset for the built-in tiny model")
+        if not os.path.isfile(os.path.join(m.path, "config.json")):
+            _fail("model.path", m.path, "has no config.json: not a Hugging Face model directory")
+    elif m.tiny_size not in ("tiny", "100m"):
+        _fail("model.tiny_size", m.tiny_size, "choose tiny or 100m")
+
+    d = cfg.data
+    if d.task is None and d.path is None:
+        _fail("data.path", None, "set data.task=<built-in task> or data.path=<file.jsonl|.parquet>")
+    if d.task is None and d.path is not None and not os.path.isfile(d.path):
+        _fail("data.path", d.path, "no such file")
+    if d.on_bad_row not in ("error", "skip"):
+        _fail("data.on_bad_row", d.on_bad_row, "choose error or skip")
+    _check_positive(d, "data", ("num_train", "num_test"))
+
+    r = cfg.rollout
+    _check_positive(r, "rollout", ("num_workers", "max_tokens", "kv_cache_memory_mb", "timeout_s"))
+    _check_positive(r, "rollout", ("num_cpus_per_worker", "num_gpus_per_worker"), allow_zero=True)
+    if not 0 < r.top_p <= 1:
+        _fail("rollout.top_p", r.top_p, "must be in (0, 1]")
+    if r.temperature <= 0:
+        _fail("rollout.temperature", r.temperature, "must be > 0 (RL needs sampling; use eval for greedy)")
+
+    w = cfg.reward
+    _check_positive(w, "reward", ("num_workers", "procs_per_worker", "timeout_s", "memory_limit_mb"))
+    _check_positive(w, "reward", ("num_cpus_per_worker",), allow_zero=True)
+
+    lr = cfg.learner
+    _check_positive(lr, "learner", ("num_workers", "micro_batch_size", "lr", "timeout_s"))
+    _check_positive(lr, "learner", ("num_cpus_per_worker", "num_gpus_per_worker", "weight_decay",
+                                    "warmup_steps", "grad_clip"), allow_zero=True)
+    if lr.zero_stage not in (0, 1, 2, 3):
+        _fail("learner.zero_stage", lr.zero_stage, "DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(lr, key) < 1:
+            _fail(f"learner.{key}", getattr(lr, key), "must be in [0, 1)")
+
+    s = cfg.sync
+    _check_positive(s, "sync", ("bucket_mb", "max_logprob_diff", "timeout_s"))
+
+    if cfg.logger.wandb_mode not in WANDB_MODES:
+        _fail("logger.wandb_mode", cfg.logger.wandb_mode, f"choose one of {', '.join(WANDB_MODES)}")
+    if cfg.run.resume not in RESUME_MODES:
+        _fail("run.resume", cfg.run.resume, f"choose one of {', '.join(RESUME_MODES)}")
+
+    if available_cpus is not None and cfg.cluster.address is None:
+        need = (r.num_workers * r.num_cpus_per_worker + lr.num_workers * lr.num_cpus_per_worker
+                + w.num_workers * w.num_cpus_per_worker)
+        if lr.num_workers * lr.num_cpus_per_worker > available_cpus:
+            _fail("learner.num_workers", lr.num_workers, f"{lr.num_workers} learners x "
+                  f"{lr.num_cpus_per_worker} CPUs exceed the {available_cpus} CPUs of the local cluster; "
+                  "lower learner.num_workers or set cluster.num_cpus")
+        if need > available_cpus:
+            _fail("cluster.num_cpus", available_cpus, f"the actors ask for {need:g} CPUs in all "
+                  "(rollout + learner + reward workers x their num_cpus_per_worker); raise cluster.num_cpus "
+                  "(oversubscribing a small machine is fine) or lower the workers' CPU requests")
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (base for conf/config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="rl_schema", node=RLConfig)
+
+
+def to_dataclass(cfg: Any) -> RLConfig:
+    """Turn a composed DictConfig into a plain, typed RLConfig object."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, RLConfig):
+        raise ConfigError("the composed config is not an RLConfig: conf/config.yaml must list rl_schema "
+                          "first in its defaults")
+    return obj

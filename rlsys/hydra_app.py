@@ -1,0 +1,27 @@
+"""Shared plumbing for rlsys's Hydra apps (train, eval, sft, difficulty).
+
+The config directory is the repository's top-level ``conf/`` (shipped in the working dir under
+``ray job submit``); RLSYS_CONF_DIR points elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = os.environ.get("RLSYS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+
+
+def setup_logging() -> None:
+    """One readable line per event on stderr; quiet the chattiest libraries."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("vllm", "ray", "deepspeed", "urllib3", "filelock", "httpx", "wandb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"rlsys: {msg}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,280 @@
+"""Deterministic tiny Qwen2 models in Hugging Face format, built locally (no hub access).
+
+A built directory holds what ``AutoModelForCausalLM`` / ``AutoTokenizer`` / vLLM expect:
+``config.json``, ``generation_config.json``, ``model.safetensors``, ``tokenizer.json``,
+``tokenizer_config.json``, ``chat_template.jinja``, plus ``rlsys_model.json`` (this module's
+completion marker and build record).
+
+Contracts:
+
+* Weights are random, drawn by transformers' own init (``Qwen2ForCausalLM(config)`` under
+  ``torch.manual_seed(seed)``), so the same ``(size, seed)`` gives byte-identical safetensors.
+* Weights are stored as bfloat16 and ``config.json`` says ``"dtype": "bfloat16"``, as in real
+  Qwen2 checkpoints. vLLM (``dtype="auto"``) runs in bf16 on exactly these values; a learner that
+  loads with ``dtype=torch.float32`` gets an exact upcast, so both start from identical weights.
+  Note: transformers 5 ``from_pretrained`` defaults to ``dtype="auto"`` and would load bf16;
+  pass ``dtype=torch.float32`` for training.
+* ``tie_word_embeddings=True`` (as in Qwen2-0.5B/1.5B): the checkpoint has no ``lm_head.weight``;
+  the LM head is ``model.embed_tokens.weight``.
+* ``eos_token_id`` = ``<|im_end|>`` (2), ``pad_token_id`` = ``<|endoftext|>`` (0), no BOS, in
+  config, generation config and tokenizer alike.
+
+CLI: ``python -m rlsys.models.tiny --size tiny --seed 0 [--out DIR]`` prints the directory and
+the parameter count (``--out`` builds into DIR; without it the cached copy is used or built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rlsys.models.tokenizer import (
+    EOS_TOKEN_ID,
+    MODEL_MAX_LENGTH,
+    PAD_TOKEN_ID,
+    VOCAB_SIZE,
+    train_tokenizer,
+)
+
+# Bump whenever anything that changes the built files changes (configs, tokenizer corpus,
+# storage dtype): cached directories are keyed by it, so stale builds are never reused.
+FORMAT_VERSION = 1
+MARKER_FILE = "rlsys_model.json"
+STORAGE_DTYPE = "bfloat16"
+
+# head_dim is 64 for every size: the most widely supported head size across vLLM attention
+# backends (CPU included). Both sizes use grouped-query attention (fewer KV heads than query
+# heads), like real Qwen2 models, so weight-sync code sees k/v projections narrower than q.
+SIZES: dict[str, dict[str, Any]] = {
+    # ~4.2M params: small enough for fast unit tests and CPU RL loops.
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    # ~100M params for throughput benchmarks.
+    "100m": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+    ),
+}
+
+
+def make_config(size: str = "tiny"):
+    """Return the ``Qwen2Config`` for ``size`` (one of :data:`SIZES`); raises ``ValueError``."""
+    from transformers import Qwen2Config
+
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny-model size {size!r}; choose one of {sorted(SIZES)}")
+    return Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        use_sliding_window=False,
+        attention_dropout=0.0,
+        bos_token_id=None,
+        eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=PAD_TOKEN_ID,
+        dtype=STORAGE_DTYPE,
+        architectures=["Qwen2ForCausalLM"],
+        **SIZES[size],
+    )
+
+
+def count_params(model) -> int:
+    """Number of distinct parameters (a tied embedding/LM-head matrix counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Silence transformers' per-shard progress bar while saving; restores the caller's setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Build the ``(size, seed)`` model plus tokenizer into ``out_dir`` and return its path.
+
+    ``out_dir`` must not exist or be empty (``FileExistsError`` otherwise). Writes are not atomic
+    here; :func:`ensure_tiny_model` adds atomicity and caching on top. The caller's global torch
+    RNG state is left untouched. Every file, the marker included, is a deterministic function of
+    ``(size, seed, FORMAT_VERSION)`` and the library versions. Raises ``ValueError`` for an
+    unknown size.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"refusing to build into non-empty directory {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    config = make_config(size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model = model.to(getattr(torch, STORAGE_DTYPE)).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=None, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID
+    )
+    n_params = count_params(model)
+    with _quiet_progress_bars():
+        model.save_pretrained(str(out), safe_serialization=True)
+    del model
+    train_tokenizer().save_pretrained(str(out))
+    record = {
+        "format_version": FORMAT_VERSION,
+        "size": size,
+        "seed": seed,
+        "num_params": n_params,
+        "storage_dtype": STORAGE_DTYPE,
+    }
+    for f in out.iterdir():
+        # safetensors writes 0600; a shared cache (other users, containers) needs read access.
+        f.chmod(0o644)
+    # The marker is written last: its presence means every other file is complete.
+    (out / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def default_cache_dir() -> Path:
+    """``$RLSYS_CACHE_DIR`` if set, else ``~/.cache/rlsys``."""
+    env = os.environ.get("RLSYS_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "rlsys"
+
+
+def model_cache_path(
+    size: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """Where :func:`ensure_tiny_model` keeps the ``(size, seed)`` model."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "models" / f"qwen2-{size}-seed{seed}-v{FORMAT_VERSION}"
+
+
+def read_build_record(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The marker's build record, or None when the directory is missing or incomplete."""
+    marker = Path(model_dir) / MARKER_FILE
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(model_dir: Path, size: str, seed: int) -> bool:
+    rec = read_build_record(model_dir)
+    return (
+        rec is not None
+        and rec.get("format_version") == FORMAT_VERSION
+        and rec.get("size") == size
+        and rec.get("seed") == seed
+        and (model_dir / "config.json").is_file()
+        and (model_dir / "tokenizer.json").is_file()
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory flock on ``path``, released on exit from the block or process death."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_tiny_model(
+    size: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """Return the cached ``(size, seed)`` model directory, building it first if needed.
+
+    Safe under concurrency: builders serialize on a lock file next to the target, build into a
+    private temp dir in the same parent and ``os.rename`` it into place, so the target path either
+    does not exist or is complete. A directory at the target without a valid completion marker
+    (an interrupted copy, a build by other code) is moved aside and rebuilt; leftover temp dirs
+    of crashed builders are removed. Readers that find a complete directory never take the lock.
+    """
+    final = model_cache_path(size, seed, cache_dir)
+    if _is_complete(final, size, seed):
+        return final
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny-model size {size!r}; choose one of {sorted(SIZES)}")
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = f".{final.name}.tmp-"
+    with _file_lock(parent / f".{final.name}.lock"):
+        # Another process may have finished while we waited for the lock.
+        if _is_complete(final, size, seed):
+            return final
+        # Holding the lock, any temp dir for this target belongs to a dead builder.
+        for stale in parent.glob(f"{tmp_prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
+            os.rename(final, trash / "invalid")
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
+        try:
+            build_tiny_model(tmp, size=size, seed=seed)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlsys.models.tiny",
+        description="Build (or find in the cache) a deterministic tiny Qwen2 model directory.",
+    )
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", default=None, help="build into this (new or empty) directory instead of the cache"
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="cache root (default: $RLSYS_CACHE_DIR or ~/.cache/rlsys)"
+    )
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.out is not None:
+        path = build_tiny_model(args.out, size=args.size, seed=args.seed)
+    else:
+        path = ensure_tiny_model(size=args.size, seed=args.seed, cache_dir=args.cache_dir)
+    rec = read_build_record(path) or {}
+    print(path)
+    elapsed = time.perf_counter() - t0
+    print(f"params: {rec.get('num_params')} (size={args.size}, seed={args.seed}, {elapsed:.2f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

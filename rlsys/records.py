@@ -1,0 +1,148 @@
+"""Typed records that cross process boundaries (driver <-> Ray actors).
+
+Every message between the driver and an actor is one of these frozen dataclasses, never a dict of
+strings. Per-token arrays are numpy (cheap to ship through Ray's object store, zero-copy on read).
+
+Names: B prompts per step, G rollouts per prompt (the paper's group size N), T tokens,
+P prompt tokens, L = P + T padded sequence length. ``response_mask`` is True where a token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Reasons a grade can carry; the reward pool counts each of them per step.
+GRADE_OK = "ok"
+GRADE_TIMEOUT = "timeout"  # the verifier did not answer within its wall-clock limit (killed)
+GRADE_ERROR = "error"  # the verifier raised or its process died
+GRADE_INVALID = "invalid"  # the verifier returned something that is not a finite reward
+GRADE_STATUSES = (GRADE_OK, GRADE_TIMEOUT, GRADE_ERROR, GRADE_INVALID)
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One dataset row: what to ask and how to grade it.
+
+    ``prompt_id`` is unique across the dataset and is how every later record is joined back to
+    its prompt (never by position alone). ``messages`` is a chat: ((role, content), ...).
+    ``verifier`` names how to grade: a built-in ("math", "exact", "regex") or "module:function".
+    """
+
+    prompt_id: str
+    messages: tuple[tuple[str, str], ...]
+    answer: str
+    verifier: str
+    task: str = ""
+    meta: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """A prompt for a rollout worker, tokenized once by the driver."""
+
+    prompt_id: str
+    prompt_token_ids: tuple[int, ...]  # [P]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled response."""
+
+    token_ids: np.ndarray  # [T_i] int32, response tokens only (EOS included when sampled)
+    logprobs: np.ndarray  # [T_i] float32, log pi_rollout(token) at sampling time
+    text: str  # decoded response (special tokens skipped)
+    finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_tokens)
+
+
+@dataclass(frozen=True)
+class RolloutGroup:
+    """G completions of one prompt, sampled with weights ``weight_version``."""
+
+    prompt_id: str
+    prompt_token_ids: tuple[int, ...]  # [P]
+    completions: tuple[Completion, ...]  # [G]
+    weight_version: int
+    worker_id: int
+
+
+@dataclass(frozen=True)
+class GradeRequest:
+    """One completion to grade against the prompt's reference answer."""
+
+    prompt_id: str
+    sample_index: int  # position of the completion inside its group, 0..G-1
+    completion: str
+    answer: str
+    verifier: str
+
+
+@dataclass(frozen=True)
+class Grade:
+    """The verdict for one completion.
+
+    ``reward`` is always finite (a failed verifier yields 0.0 with a non-"ok" ``status``);
+    ``correct`` is the verifier's success flag, which the focal weight's success rate uses.
+    """
+
+    prompt_id: str
+    sample_index: int
+    reward: float
+    correct: bool
+    status: str = GRADE_OK  # one of GRADE_STATUSES
+    detail: str = ""  # short reason for a non-"ok" status (truncated, safe to log)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """One learner's share of a step's training data.
+
+    All [N, L] arrays are aligned with ``input_ids``: the value at position t concerns token t
+    (its logprob is computed from the logits at t - 1). Rows are prompt + response, right-padded.
+    Padding rows (to give every data-parallel rank the same number of micro-batches) have an
+    all-False ``response_mask`` and contribute nothing.
+    """
+
+    input_ids: np.ndarray  # [N, L] int64
+    attention_mask: np.ndarray  # [N, L] bool
+    response_mask: np.ndarray  # [N, L] bool, True at response tokens that count in the loss
+    advantages: np.ndarray  # [N] float32, focal-weighted group advantages
+    rollout_logprobs: np.ndarray  # [N, L] float32, the rollout engine's logprobs (0 off-response)
+    loss_normalizer: float  # shared by every micro-batch and rank so the pieces sum to the full loss
+
+    def __post_init__(self) -> None:
+        n, length = self.input_ids.shape
+        for name in ("attention_mask", "response_mask", "rollout_logprobs"):
+            if getattr(self, name).shape != (n, length):
+                raise ValueError(
+                    f"TrainBatch.{name} has shape {getattr(self, name).shape}, expected {(n, length)}"
+                )
+        if self.advantages.shape != (n,):
+            raise ValueError(f"TrainBatch.advantages has shape {self.advantages.shape}, expected {(n,)}")
+        if not self.loss_normalizer > 0:
+            raise ValueError(f"TrainBatch.loss_normalizer must be > 0, got {self.loss_normalizer}")
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one optimizer step on a learner reports (token-weighted means over its rows)."""
+
+    loss: float
+    pg_loss: float
+    clip_fraction: float
+    approx_kl: float
+    entropy: float
+    grad_norm: float
+    lr: float
+    num_tokens: int
+    rollout_logprob_diff: float  # mean |log pi_learner_old - log pi_rollout| over response tokens
+    ratio_max: float
+    skipped: bool = False  # True when the step was skipped for non-finite loss/gradients
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)

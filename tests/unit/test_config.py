@@ -1,0 +1,68 @@
+"""Config: composition from conf/, typed rejection of bad keys/types, value validation naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from rlsys.config import ConfigError, RLConfig, register_configs, to_dataclass, validate
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+register_configs()
+
+
+def make(*overrides: str) -> RLConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return to_dataclass(compose("config", overrides=["run.output_dir=/tmp/x", *overrides]))
+
+
+def test_default_is_f_grpo_with_paper_gamma():
+    cfg = make()
+    validate(cfg)
+    assert (cfg.algo.name, cfg.algo.loss_type, cfg.algo.gamma) == ("f_grpo", "grpo", 0.5)
+    assert cfg.logger.wandb_mode == "offline" and cfg.cluster.address is None
+
+
+@pytest.mark.parametrize("algo,loss,gamma,dyn", [
+    ("grpo", "grpo", 0.0, False), ("f_grpo", "grpo", 0.5, False), ("dapo", "dapo", 0.0, True),
+    ("f_dapo", "dapo", 0.5, True), ("cispo", "cispo", 0.0, False), ("f_cispo", "cispo", 0.5, False)])
+def test_algo_groups(algo, loss, gamma, dyn):
+    cfg = make(f"algo={algo}")
+    validate(cfg)
+    assert (cfg.algo.name, cfg.algo.loss_type, cfg.algo.gamma, cfg.algo.dynamic_sampling) == (algo, loss, gamma, dyn)
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition():
+    with pytest.raises(ConfigCompositionException, match="totl_steps"):
+        make("trainer.totl_steps=3")
+    with pytest.raises(ConfigCompositionException, match="total_steps"):
+        make("trainer.total_steps=many")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("algo.group_size=1", "algo.group_size"),
+    ("algo.gamma=-0.5", "algo.gamma"),
+    ("algo.agg=sum", "algo.agg"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
+    ("logger.wandb_mode=loud", "logger.wandb_mode"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("model.path=/does/not/exist", "model.path"),
+    ("trainer.total_steps=0", "trainer.total_steps"),
+])
+def test_invalid_values_name_the_key(override, key):
+    cfg = make(override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match=r"algo\.gamma.*algo=f_grpo"):
+        validate(make("algo=grpo", "algo.gamma=0.5"))
+    with pytest.raises(ConfigError, match=r"algo\.clip_high"):
+        validate(make("algo=dapo", "algo.clip_low=0.3", "algo.clip_high=0.2"))
+    with pytest.raises(ConfigError, match=r"algo\.loss_type"):
+        validate(make("algo.name=dapo"))  # name alone without its group
+    with pytest.raises(ConfigError, match=r"learner\.num_workers"):
+        validate(make("learner.num_workers=8"), available_cpus=4)
+    validate(make("learner.num_workers=2"), available_cpus=4)
