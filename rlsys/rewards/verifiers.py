@@ -1,0 +1,404 @@
+"""Built-in verifiers, final-answer extraction, and resolution of user verifier functions.
+
+A verifier spec names how one completion is graded against its reference answer:
+
+* ``"math"``  -- the final answer (see :func:`extract_final_answer`) and the gold answer are parsed
+  with math-verify and compared symbolically/numerically (``\\frac{1}{2}`` equals ``0.5``).
+* ``"exact"`` -- the final answer (or, when there is none, the whole completion) equals the gold
+  answer after whitespace normalization.
+* ``"regex"`` -- the gold answer is a regular expression that must ``fullmatch`` the final answer
+  (or, when there is none, the whole completion), after whitespace normalization.
+* ``"module:function"`` or ``"path/to/file.py:function"`` -- a user function
+  ``fn(completion: str, answer: str) -> bool | float | tuple[float, bool]``. It is resolved only when
+  the spec is allowed (:func:`check_spec_allowed`); ``rlsys.*`` modules are always allowed.
+
+Every verifier is reduced to an :data:`Outcome` ``(reward, correct, status, detail)`` by
+:func:`run_verifier`, which never raises: a verifier that raises, or returns something that is not a
+finite reward, yields reward 0.0 with status ``error`` / ``invalid`` and a short detail.
+
+This module is imported in the driver (for :func:`extract_final_answer` and spec checks) and in the
+sandbox children (to run verifiers); math-verify is imported lazily so the driver stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import numbers
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from rlsys.records import GRADE_ERROR, GRADE_INVALID, GRADE_OK
+
+BUILTIN_VERIFIERS = ("math", "exact", "regex")
+
+# (reward, correct, status, detail): what a verifier run reduces to, cheap to pickle across processes.
+Outcome = tuple[float, bool, str, str]
+
+# Detail attached to a "math"/"exact"/"regex" grade whose completion had no final answer to extract.
+# Counted separately by the grader so that a prompt format the model ignores is visible, not silent.
+NO_ANSWER_DETAIL = "no final answer found"
+
+DEFAULT_MAX_DETAIL_CHARS = 200
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>[^\s{}$]+))")
+# A line "Answer: ...", optionally "Final answer", optionally in markdown bold/italics or a quote/heading.
+_ANSWER_LINE_RE = re.compile(
+    r"^[ \t>#*_]*(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*[:：][ \t]*[*_]*[ \t]*(?P<answer>.*?)[ \t]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_WHITESPACE_RE = re.compile(r"\s+")
+_LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed", "\\fbox")
+
+
+def truncate(text: str, max_chars: int = DEFAULT_MAX_DETAIL_CHARS) -> str:
+    """Return ``text`` cut to at most ``max_chars`` characters (an ellipsis marks a cut)."""
+    if len(text) <= max_chars:
+        return text
+    return text[: max(0, max_chars - 3)] + "..."
+
+
+def _balanced_braces(text: str, start: int) -> str | None:
+    """Return the content of the brace group whose ``{`` is at ``start - 1``, or None if unclosed."""
+    depth = 1
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # an escaped character (\{ or \}) never opens or closes a group
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+        i += 1
+    return None
+
+
+def _strip_decorations(answer: str) -> str:
+    """Strip what models wrap an "Answer:" value in: markdown emphasis, one ``$...$``, a final period."""
+    answer = answer.strip()
+    for _ in range(2):  # "**$42$**." needs two passes
+        answer = answer.strip().rstrip(".").strip()
+        if len(answer) >= 4 and answer.startswith("**") and answer.endswith("**"):
+            answer = answer[2:-2]
+        elif len(answer) >= 2 and answer[0] == answer[-1] and answer[0] in "*_":
+            answer = answer[1:-1]
+        if len(answer) >= 2 and answer.startswith("$") and answer.endswith("$") and answer.count("$") == 2:
+            answer = answer[1:-1]
+    return answer.strip()
+
+
+def extract_final_answer(text: str) -> str | None:
+    """Return the final answer stated in ``text``, or None when it states none.
+
+    The last ``\\boxed{...}`` (or ``\\fbox{...}``) wins, with nested braces handled; its content is
+    returned stripped. A last ``\\boxed{`` that is never closed (a truncated completion) yields None
+    rather than an earlier, intermediate boxed value. Without any boxed value, the text after the last
+    line starting with "Answer:" (or "Final answer:", any case, optionally in markdown emphasis) is
+    returned, without surrounding emphasis, one enclosing ``$...$`` and a trailing period.
+    An empty answer counts as none.
+    """
+    boxed = list(_BOXED_RE.finditer(text))
+    if boxed:
+        last = boxed[-1]
+        if last.group("bare") is not None:  # "\\boxed 5": a single bare token
+            return last.group("bare").rstrip(".") or None
+        content = _balanced_braces(text, last.end())
+        if content is None:
+            return None
+        content = content.strip()
+        return content or None
+    lines = list(_ANSWER_LINE_RE.finditer(text))
+    if lines:
+        answer = _strip_decorations(lines[-1].group("answer"))
+        return answer or None
+    return None
+
+
+def normalize_whitespace(text: str) -> str:
+    """Collapse every run of whitespace to one space and strip both ends."""
+    return _WHITESPACE_RE.sub(" ", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built-in verifiers. Each returns an Outcome; an exception escaping one is turned into an error grade
+# by run_verifier.
+
+
+def _as_latex(text: str) -> str:
+    """Wrap ``text`` in ``$...$`` unless it already carries LaTeX delimiters.
+
+    math-verify only parses LaTeX that is delimited (``$..$``, ``\\(..\\)``, ``\\boxed{}``); a bare
+    ``\\frac{1}{2}`` would otherwise fall through to the plain-expression parser and fail.
+    """
+    if any(d in text for d in _LATEX_DELIMITERS):
+        return text
+    return f"${text}$"
+
+
+_MATH_VERIFY: Any = None
+_GOLD_CACHE: dict[str, Any] = {}
+_GOLD_CACHE_MAX = 4096
+
+
+def _math_verify() -> Any:
+    """Import math-verify once per process (slow: it pulls in sympy and an ANTLR parser)."""
+    global _MATH_VERIFY
+    if _MATH_VERIFY is None:
+        import logging
+
+        import math_verify
+
+        # We disable math-verify's own signal.alarm timeouts (the sandbox kills a hung process; an
+        # in-library timeout would silently turn a hang into a wrong answer), so silence the warning
+        # it logs about that, and its debug chatter about unparseable predictions.
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+        _MATH_VERIFY = math_verify
+    return _MATH_VERIFY
+
+
+def _parse_math(text: str) -> list[Any]:
+    mv = _math_verify()
+    config = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
+    return mv.parse(_as_latex(text), extraction_config=config, parsing_timeout=None)
+
+
+def verify_math(completion: str, answer: str) -> Outcome:
+    """Built-in ``"math"``: math-verify equivalence of the final answer and the gold answer."""
+    gold = _GOLD_CACHE.get(answer)
+    if gold is None:
+        gold = _parse_math(answer)
+        if len(_GOLD_CACHE) >= _GOLD_CACHE_MAX:
+            _GOLD_CACHE.clear()
+        _GOLD_CACHE[answer] = gold
+    if not gold:
+        # A dataset problem, not the model's: make it loud rather than a silent 0.
+        return 0.0, False, GRADE_ERROR, truncate(f"gold answer not parseable by math-verify: {answer!r}")
+    predicted = extract_final_answer(completion)
+    if predicted is None:
+        return 0.0, False, GRADE_OK, NO_ANSWER_DETAIL
+    parsed = _parse_math(predicted)
+    if not parsed:
+        return 0.0, False, GRADE_OK, "final answer not parseable"
+    ok = bool(_math_verify().verify(gold, parsed, timeout_seconds=None))
+    return (1.0 if ok else 0.0), ok, GRADE_OK, ""
+
+
+def _answer_or_completion(completion: str) -> tuple[str, str]:
+    predicted = extract_final_answer(completion)
+    if predicted is None:
+        return normalize_whitespace(completion), NO_ANSWER_DETAIL
+    return normalize_whitespace(predicted), ""
+
+
+def verify_exact(completion: str, answer: str) -> Outcome:
+    """Built-in ``"exact"``: whitespace-normalized string equality (final answer, else whole text)."""
+    predicted, detail = _answer_or_completion(completion)
+    ok = predicted == normalize_whitespace(answer)
+    return (1.0 if ok else 0.0), ok, GRADE_OK, detail
+
+
+def verify_regex(completion: str, answer: str) -> Outcome:
+    """Built-in ``"regex"``: the gold answer must ``re.fullmatch`` the final answer (else whole text)."""
+    try:
+        pattern = re.compile(answer)
+    except re.error as exc:
+        return 0.0, False, GRADE_ERROR, truncate(f"gold answer is not a valid regex: {exc}")
+    predicted, detail = _answer_or_completion(completion)
+    ok = pattern.fullmatch(predicted) is not None
+    return (1.0 if ok else 0.0), ok, GRADE_OK, detail
+
+
+_BUILTINS: dict[str, Callable[[str, str], Outcome]] = {
+    "math": verify_math,
+    "exact": verify_exact,
+    "regex": verify_regex,
+}
+
+
+def warm_up() -> None:
+    """Run each built-in once so a fresh process pays regex compilation and parser set-up now."""
+    verify_math("\\boxed{\\frac{1}{2}}", "0.5")
+    verify_exact("Answer: 1", "1")
+    verify_regex("Answer: 1", "[0-9]+")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Spec handling.
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """Split a user spec ``"module:function"`` / ``"path.py:function"`` into (target, function).
+
+    Raises ValueError naming the spec when it has no ``:function`` part or an empty side.
+    """
+    target, sep, function = spec.rpartition(":")
+    if not sep or not target.strip() or not function.strip() or not function.isidentifier():
+        raise ValueError(
+            f"verifier spec {spec!r} is neither a built-in {BUILTIN_VERIFIERS} nor of the form "
+            "'package.module:function' or 'path/to/file.py:function'"
+        )
+    return target.strip(), function.strip()
+
+
+def is_builtin(spec: str) -> bool:
+    return spec in _BUILTINS
+
+
+def check_spec_allowed(spec: str, allowed_functions: Iterable[str]) -> None:
+    """Raise ValueError unless ``spec`` may be resolved. Imports nothing.
+
+    Allowed are: the built-ins; ``rlsys.*`` modules; a spec listed verbatim in ``allowed_functions``;
+    a spec whose module/file is listed as ``"module:*"`` / ``"file.py:*"``.
+    """
+    if is_builtin(spec):
+        return
+    target, _ = split_spec(spec)
+    if not target.endswith(".py") and (target == "rlsys" or target.startswith("rlsys.")):
+        return
+    allowed = set(allowed_functions)
+    if spec in allowed or f"{target}:*" in allowed:
+        return
+    raise ValueError(
+        f"verifier {spec!r} is not allowed: user verifier functions run only when listed in the "
+        f"grader's allowed_functions (the reward config's allow-list); add {spec!r} (or "
+        f"{target + ':*'!r} for every function of that module) to it"
+    )
+
+
+def _load_file_module(path: str) -> Any:
+    """Import a ``.py`` file as a module named after its absolute path (stable, collision-free)."""
+    digest = hashlib.sha1(path.encode()).hexdigest()[:12]
+    name = f"_rlsys_verifier_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # registered before exec so that pickling by reference works
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def resolve_verifier(
+    spec: str, allowed_functions: Iterable[str] = (), base_dir: str | None = None
+) -> Callable[..., Any]:
+    """Return the callable a spec names, after checking it is allowed.
+
+    Built-ins return their Outcome-returning function; user specs return the user's function (to be
+    run through :func:`run_verifier`). A relative ``file.py`` path is taken relative to ``base_dir``
+    (default: the current directory). Raises ValueError naming the spec on any failure (not allowed,
+    module/file missing, import error, no such function, not callable).
+    """
+    check_spec_allowed(spec, allowed_functions)
+    if is_builtin(spec):
+        return _BUILTINS[spec]
+    target, function = split_spec(spec)
+    try:
+        if target.endswith(".py"):
+            path = target if os.path.isabs(target) else os.path.join(base_dir or os.getcwd(), target)
+            path = os.path.abspath(path)
+            if not os.path.isfile(path):
+                raise ValueError(f"verifier {spec!r}: file {path!r} does not exist")
+            module = _load_file_module(path)
+        else:
+            module = importlib.import_module(target)
+    except ValueError:
+        raise
+    except BaseException as exc:  # an import can raise anything, SystemExit included
+        raise ValueError(
+            f"verifier {spec!r}: importing {target!r} failed: {type(exc).__name__}: {truncate(str(exc))}"
+        ) from exc
+    fn = getattr(module, function, None)
+    if fn is None:
+        raise ValueError(f"verifier {spec!r}: {target!r} has no attribute {function!r}")
+    if not callable(fn):
+        raise ValueError(f"verifier {spec!r}: {target}.{function} is not callable")
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a verifier.
+
+
+def _finite_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    out = float(value)
+    return out if math.isfinite(out) else None
+
+
+def _is_bool(value: Any) -> bool:
+    # numpy's bool is not a bool subclass; accept it by name to avoid importing numpy here.
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
+
+
+def coerce_result(value: Any, success_threshold: float = 1.0) -> Outcome:
+    """Reduce a user verifier's return value to an Outcome.
+
+    bool -> (1.0 | 0.0, value); a finite real -> (value, value >= success_threshold);
+    a 2-tuple (finite real, bool) -> as given; anything else -> (0.0, False, "invalid", why).
+    """
+    if _is_bool(value):
+        ok = bool(value)
+        return (1.0 if ok else 0.0), ok, GRADE_OK, ""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            return 0.0, False, GRADE_INVALID, f"returned a tuple of length {len(value)}, expected (reward, correct)"
+        reward = _finite_float(value[0])
+        if reward is None:
+            return 0.0, False, GRADE_INVALID, truncate(f"returned reward {value[0]!r:.60}, expected a finite number")
+        if not _is_bool(value[1]):
+            return 0.0, False, GRADE_INVALID, f"returned correct of type {type(value[1]).__name__}, expected bool"
+        return reward, bool(value[1]), GRADE_OK, ""
+    reward = _finite_float(value)
+    if reward is not None:
+        return reward, reward >= success_threshold, GRADE_OK, ""
+    if isinstance(value, numbers.Real):
+        return 0.0, False, GRADE_INVALID, f"returned non-finite reward {value!r}"
+    return 0.0, False, GRADE_INVALID, f"returned {type(value).__name__}, expected bool, float or (float, bool)"
+
+
+def run_verifier(
+    fn: Callable[..., Any],
+    completion: str,
+    answer: str,
+    success_threshold: float = 1.0,
+    max_detail_chars: int = DEFAULT_MAX_DETAIL_CHARS,
+) -> Outcome:
+    """Run one verifier in this process and return its Outcome; never raises (except KeyboardInterrupt).
+
+    Built-ins return Outcomes already; user functions' results go through :func:`coerce_result`.
+    An exception (SystemExit included) becomes (0.0, False, "error", "<ExcType>: <message>").
+    There is no timeout here: run this inside the sandbox, which kills a verifier that hangs.
+    """
+    try:
+        if fn in _BUILTINS.values():
+            reward, correct, status, detail = fn(completion, answer)
+        else:
+            reward, correct, status, detail = coerce_result(fn(completion, answer), success_threshold)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a verifier may raise anything, SystemExit included
+        try:
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except BaseException:  # noqa: BLE001 - str() of a hostile exception can raise too
+            message = type(exc).__name__
+        return 0.0, False, GRADE_ERROR, truncate(message, max_detail_chars)
+    if status == GRADE_OK and not math.isfinite(reward):
+        return 0.0, False, GRADE_INVALID, "non-finite reward"
+    return float(reward), bool(correct), status, truncate(detail, max_detail_chars)
