@@ -77,6 +77,7 @@ class DataConfig:
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     id_key: Optional[str] = None
+    answer_after: Optional[str] = None  # GSM8K-style gold text: keep what follows this marker ("####")
     verifier: str = "math"  # for files: "math" | "exact" | "regex" | "module:function"
     system_prompt: Optional[str] = None
     on_bad_row: str = "error"  # "error" | "skip" (counted and logged)
@@ -150,6 +151,51 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    n: int = 64  # samples per problem (pass@k needs k <= n)
+    k: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    split: str = "test"  # built-in tasks: test | ood | train; files: the whole file
+    num_prompts: int = 64  # problems evaluated (built-in tasks: generated; files: first rows)
+    temperature: float = 1.0
+    max_tokens: Optional[int] = None  # None: rollout.max_tokens
+    output_dir: Optional[str] = None  # None: <run.output_dir>/eval
+    seed: int = 0  # which problems a built-in task generates, and the samplers' seeds (fixed across models)
+    max_prompts_per_call: Optional[int] = None  # prompts per rollout call; None: about 4096 samples per worker
+
+
+@dataclass
+class SFTConfig:
+    """Warm start: supervised fine-tuning on generated reference solutions (rlsys.sft)."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    num_examples: int = 4000
+    output_dir: Optional[str] = None  # None: a cache dir keyed by the SFT settings (reused)
+    enabled: bool = True  # rlsys.train: warm-start the built-in tiny model before RL
+    seed: int = 0  # data order, sampled solutions, eval prompts; not trainer.seed, so RL seeds share one warm start
+    dtype: Optional[str] = None  # learner dtype for SFT: bfloat16 | float32; None: model.dtype
+    micro_batch_size: Optional[int] = None  # None: learner.micro_batch_size
+    max_response_tokens: Optional[int] = None  # cap on a training response; None: rollout.max_tokens
+    log_every: int = 25  # steps between held-out NLL measurements
+    eval_prompts: int = 64  # after SFT: prompts per split (test, ood) sampled with vLLM; 0: no eval
+    eval_samples: int = 16  # samples per eval prompt (pass@k for k up to this)
+
+
+@dataclass
+class DifficultyConfig:
+    """Per-prompt pass rates from K samples, and a selection of the hardest/easiest (arXiv 2508.14094)."""
+
+    k: int = 10
+    select: str = "hardest"  # hardest | easiest | random
+    fraction: float = 0.1
+    pool_size: int = 512  # built-in tasks: prompts in the pool to estimate
+    output_dir: Optional[str] = None  # None: <run.output_dir>/difficulty
+    seed: int = 0  # the samplers' seeds and the tie-breaking shuffle of the selection
+
+
+@dataclass
 class RLConfig:
     run: RunConfig = field(default_factory=RunConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -162,6 +208,9 @@ class RLConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -268,6 +317,20 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
         _fail("logger.wandb_mode", cfg.logger.wandb_mode, f"choose one of {', '.join(WANDB_MODES)}")
     if cfg.run.resume not in RESUME_MODES:
         _fail("run.resume", cfg.run.resume, f"choose one of {', '.join(RESUME_MODES)}")
+
+    e = cfg.eval
+    _check_positive(e, "eval", ("n", "num_prompts", "temperature"))
+    if not e.k or any(k < 1 or k > e.n for k in e.k):
+        _fail("eval.k", list(e.k), f"every k must satisfy 1 <= k <= eval.n={e.n} (pass@k needs n >= k samples)")
+    if e.split not in ("train", "test", "ood"):
+        _fail("eval.split", e.split, "choose train, test or ood")
+    _check_positive(cfg.sft, "sft", ("steps", "batch_size", "lr", "num_examples"))
+    df = cfg.difficulty
+    _check_positive(df, "difficulty", ("k", "pool_size"))
+    if df.select not in ("hardest", "easiest", "random"):
+        _fail("difficulty.select", df.select, "choose hardest, easiest or random")
+    if not 0 < df.fraction <= 1:
+        _fail("difficulty.fraction", df.fraction, "must be in (0, 1]")
 
     if available_cpus is not None and cfg.cluster.address is None:
         need = (r.num_workers * r.num_cpus_per_worker + lr.num_workers * lr.num_cpus_per_worker

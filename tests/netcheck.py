@@ -15,6 +15,13 @@ def tree_pids(root_pid: int) -> set[int]:
         return set()
 
 
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    # Python 3.11 does not treat IPv4-mapped IPv6 loopback (::ffff:127.0.0.1) as loopback.
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
 def non_loopback_listeners(pids: set[int]) -> list[tuple[int, str, int]]:
     """(pid, address, port) of every TCP/UDP socket bound to a non-loopback address by ``pids``."""
     bad = []
@@ -25,6 +32,6 @@ def non_loopback_listeners(pids: set[int]) -> list[tuple[int, str, int]]:
             continue
         if c.type == 2 and c.raddr:  # SOCK_DGRAM: a connected UDP socket is not a server
             continue
-        if not ipaddress.ip_address(c.laddr.ip).is_loopback:
+        if not _is_loopback(c.laddr.ip):
             bad.append((c.pid, c.laddr.ip, c.laddr.port))
     return bad

@@ -1,0 +1,420 @@
+"""The F-GRPO training loop, top to bottom.
+
+    prompts -> generate (vLLM rollout workers) -> score (reward pool) -> group advantages with the
+    focal weight (rlsys.algo, on [B, G] tensors here in the driver) -> train (DeepSpeed learners)
+    -> sync weights to the rollout workers (and check them) -> log -> checkpoint
+
+Each phase is timed (``time/<phase>``). Every remote call has a timeout and errors name the phase
+and the actor. B = prompts per step, G = group size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from rlsys import algo
+from rlsys.config import RLConfig, validate
+from rlsys.records import GRADE_STATUSES, GradeRequest, PromptRow, RolloutGroup, RolloutRequest, TrainBatch
+from rlsys.sampler import PromptSampler, sample_seed
+
+log = logging.getLogger("rlsys.driver")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run reports (and the quickstart prints)."""
+
+    output_dir: str
+    checkpoint: str
+    steps: int
+    first_reward: float
+    last_reward: float
+    metrics_path: str
+
+
+@contextmanager
+def timed(times: dict[str, float], phase: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[f"time/{phase}"] = time.perf_counter() - t0
+
+
+def train(cfg: RLConfig) -> RunSummary:
+    """Run one F-GRPO job on the Ray cluster ``cfg.cluster`` describes."""
+    from rlsys import cluster
+
+    out_dir = Path(cfg.run.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)  # values only; resources are checked once the cluster is known
+    started_local = cluster.connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace)
+    try:
+        validate(cfg, available_cpus=cluster.available_cpus())
+        return _train(cfg, out_dir)
+    finally:
+        if started_local:
+            import ray
+
+            ray.shutdown()
+
+
+def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
+    from transformers import AutoTokenizer
+
+    from rlsys import cluster
+    from rlsys.metrics import MetricsLogger
+    from rlsys.rewards.pool import RewardPool
+    from rlsys.workers.learner import LearnerGroup
+    from rlsys.workers.rollout import RolloutPool
+
+    a, t = cfg.algo, cfg.trainer
+    model_path = resolve_model_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rows = load_prompt_rows(cfg)
+    if len(rows) < t.prompts_per_step:
+        raise ValueError(f"trainer.prompts_per_step={t.prompts_per_step} exceeds the {len(rows)} training prompts")
+    requests = {r.prompt_id: RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r))) for r in rows}
+    log.info("%d training prompts; model %s", len(rows), model_path)
+
+    # ---- actors ----------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    reward_pool = RewardPool(
+        num_workers=cfg.reward.num_workers, procs_per_worker=cfg.reward.procs_per_worker,
+        timeout_s=cfg.reward.timeout_s, success_threshold=cfg.reward.success_threshold,
+        memory_limit_mb=cfg.reward.memory_limit_mb, allowed_functions=tuple(cfg.reward.allowed_functions),
+        num_cpus=cfg.reward.num_cpus_per_worker)
+    reward_pool.validate_specs(sorted({r.verifier for r in rows}))
+    learners = LearnerGroup(learner_spec(cfg, model_path), cfg.learner.num_workers,
+                            actor_options=cluster.actor_options(cfg.learner.num_cpus_per_worker,
+                                                                cfg.learner.num_gpus_per_worker),
+                            init_dir=str(out_dir / ".dist"), call_timeout_s=cfg.learner.timeout_s)
+    rollout = RolloutPool(rollout_spec(cfg, model_path), cfg.rollout.num_workers,
+                          num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
+                          timeout_s=cfg.rollout.timeout_s)
+    log.info("actors up in %.1f s: %d rollout, %d reward, %d learner workers", time.perf_counter() - t0,
+             cfg.rollout.num_workers, cfg.reward.num_workers, cfg.learner.num_workers)
+
+    logger = MetricsLogger(out_dir, wandb_mode=cfg.logger.wandb_mode, project=cfg.logger.project,
+                           entity=cfg.logger.entity, run_name=cfg.run.name or f"{a.name}-{out_dir.name}",
+                           config=dataclasses.asdict(cfg))
+    sampler = PromptSampler(len(rows), seed=t.seed)
+    probe = probe_tokens(tokenizer, rows[0])
+    version = 0
+    rewards_seen: list[float] = []
+    checkpoint = ""
+    try:
+        for step in range(1, t.total_steps + 1):
+            times: dict[str, float] = {}
+            step_t0 = time.perf_counter()
+
+            # ---- 1. generate: G completions per prompt (DAPO: keep mixed groups, refill) ---------
+            with timed(times, "rollout"):
+                batch_rows, groups, rewards, correct, grades, gen_stats, refill = collect_groups(
+                    cfg, step, rows, requests, sampler, rollout, reward_pool, times)
+
+            # ---- 2. advantages with the focal weight, on [B, G] ------------------------------------
+            adv, gstats = algo.group_advantages(
+                rewards, gamma=a.gamma, std_normalize=a.std_normalize, eps=a.adv_eps,
+                success_threshold=a.success_threshold, correct=correct)
+
+            # ---- 3. train ---------------------------------------------------------------------------
+            with timed(times, "train"):
+                batch = make_train_batch(groups, adv, tokenizer.pad_token_id, a.agg)
+                parts = learners.shard(batch, tokenizer.pad_token_id)
+                tstats = learners.train_step(parts)
+
+            # ---- 4. sync weights to every rollout worker, then check them ------------------------
+            with timed(times, "sync"):
+                version += 1
+                refs = learners.export_weight_buckets(cfg.sync.bucket_mb << 20)
+                rollout.load_weight_buckets(refs, version)
+                del refs
+                logprob_diff = check_sync(cfg, learners, rollout, probe, version) if cfg.sync.check else float("nan")
+
+            # ---- 5. log -------------------------------------------------------------------------------
+            times["time/step"] = time.perf_counter() - step_t0
+            metrics = step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, times,
+                                   refill, logprob_diff, version, reward_pool)
+            logger.log(step, metrics)
+            rewards_seen.append(metrics["reward/mean"])
+            log_step(step, t.total_steps, metrics)
+            log_samples(tokenizer, batch_rows, groups, rewards, t.log_samples, step, logger)
+
+            # ---- 6. checkpoint ------------------------------------------------------------------------
+            if (t.save_every and step % t.save_every == 0) or step == t.total_steps:
+                checkpoint = save_checkpoint(learners, out_dir, step, t.keep_checkpoints)
+                log.info("step %d: checkpoint %s", step, checkpoint)
+    finally:
+        logger.close()
+        rollout.shutdown()
+        reward_pool.shutdown()
+        learners.shutdown()
+    return RunSummary(output_dir=str(out_dir), checkpoint=checkpoint, steps=t.total_steps,
+                      first_reward=rewards_seen[0], last_reward=rewards_seen[-1],
+                      metrics_path=str(out_dir / "metrics.jsonl"))
+
+
+# ================================ phases ==============================================================
+
+
+def collect_groups(cfg: RLConfig, step: int, rows: list[PromptRow], requests: dict[str, RolloutRequest],
+                   sampler: PromptSampler, rollout, reward_pool, times: dict[str, float]):
+    """Generate and grade B groups. With dynamic sampling, keep only mixed groups and refill from
+    fresh prompts for up to ``algo.max_refill_rounds`` extra rounds; train on what was kept (never
+    crash when too few survive: if none does, the previous round's groups are used and it is logged).
+
+    Returns (rows [B], groups [B], rewards [B, G], correct [B, G], grades, generation stats, refill info).
+    """
+    a, b = cfg.algo, cfg.trainer.prompts_per_step
+    kept_rows: list[PromptRow] = []
+    kept_groups: list[RolloutGroup] = []
+    kept_rewards: list[np.ndarray] = []
+    kept_correct: list[np.ndarray] = []
+    all_grades = []
+    gen_stats = []
+    reward_seconds = 0.0
+    rounds = 0
+    filtered = 0
+    fallback = None
+    while len(kept_groups) < b:
+        want = b - len(kept_groups)
+        idx = sampler.take(want)
+        chosen = [rows[i] for i in idx]
+        seeds = {r.prompt_id: sample_seed(cfg.trainer.seed, step, r.prompt_id, rounds) for r in chosen}
+        groups, st = rollout.generate([requests[r.prompt_id] for r in chosen], a.group_size, seeds)
+        gen_stats.extend(st)
+        t0 = time.perf_counter()
+        grades = reward_pool.grade([
+            GradeRequest(g.prompt_id, j, c.text, r.answer, r.verifier)
+            for r, g in zip(chosen, groups) for j, c in enumerate(g.completions)])
+        reward_seconds += time.perf_counter() - t0
+        all_grades.extend(grades)
+        rew = np.array([gr.reward for gr in grades], dtype=np.float32).reshape(len(groups), a.group_size)
+        cor = np.array([gr.correct for gr in grades], dtype=bool).reshape(len(groups), a.group_size)
+        if a.dynamic_sampling:
+            keep = algo.dynamic_sampling_mask(torch.from_numpy(rew), correct=torch.from_numpy(cor)).numpy()
+            filtered += int((~keep).sum())
+            if fallback is None:
+                fallback = (chosen, groups, rew, cor)
+        else:
+            keep = np.ones(len(groups), dtype=bool)
+        for i in np.flatnonzero(keep):
+            kept_rows.append(chosen[i])
+            kept_groups.append(groups[i])
+            kept_rewards.append(rew[i])
+            kept_correct.append(cor[i])
+        rounds += 1
+        if rounds > a.max_refill_rounds and len(kept_groups) < b:
+            log.warning("step %d: dynamic sampling kept %d of %d groups after %d rounds; training on those",
+                        step, len(kept_groups), b, rounds)
+            break
+    if not kept_groups:
+        # Nothing mixed at all: train on the first round (its advantages are all zero, so the
+        # update is a no-op apart from optional KL/entropy terms) rather than crash.
+        log.warning("step %d: no mixed group in %d rounds; this step carries no policy-gradient signal", step,
+                    rounds)
+        chosen, groups, rew, cor = fallback
+        kept_rows, kept_groups = list(chosen), list(groups)
+        kept_rewards, kept_correct = list(rew), list(cor)
+    times["time/reward"] = reward_seconds
+    refill = {"algo/sampling_rounds": rounds, "algo/filtered_groups": filtered}
+    return (kept_rows, kept_groups, torch.from_numpy(np.stack(kept_rewards)),
+            torch.from_numpy(np.stack(kept_correct)), all_grades, gen_stats, refill)
+
+
+def make_train_batch(groups: list[RolloutGroup], advantages: torch.Tensor, pad_token_id: int,
+                     agg: str) -> TrainBatch:
+    """Flatten [B, G] groups into one TrainBatch (rows in group-major order) carrying the global
+    loss normalizer of ``agg`` (total response tokens, or number of non-empty responses)."""
+    from rlsys.workers.batching import build_train_batch, loss_normalizer_for
+
+    prompts, responses, logprobs, advs = [], [], [], []
+    for gi, g in enumerate(groups):
+        for j, c in enumerate(g.completions):
+            prompts.append(g.prompt_token_ids)
+            responses.append(c.token_ids)
+            logprobs.append(c.logprobs)
+            advs.append(float(advantages[gi, j]))
+    batch = build_train_batch(prompts, responses, logprobs, advs, pad_token_id=pad_token_id, loss_normalizer=1.0)
+    return dataclasses.replace(batch, loss_normalizer=loss_normalizer_for(agg, batch.response_mask))
+
+
+def check_sync(cfg: RLConfig, learners, rollout, probe: list[int], version: int) -> float:
+    """Score a fixed probe sequence with every rollout engine and the learner; return the largest
+    mean |logprob difference|. Above ``sync.max_logprob_diff`` the weights did not arrive intact."""
+    from rlsys.workers.batching import build_train_batch
+
+    pb = build_train_batch([probe[:1]], [probe[1:]], [np.zeros(len(probe) - 1, np.float32)], [0.0],
+                           pad_token_id=0, loss_normalizer=1.0)
+    learner_lp = np.asarray(learners.compute_logprobs(pb))[0, 1:len(probe)]
+    worst = 0.0
+    for wid, lp in enumerate(rollout.sequence_logprobs(probe)):
+        diff = float(np.abs(lp - learner_lp).mean())
+        worst = max(worst, diff)
+        if not diff <= cfg.sync.max_logprob_diff:
+            raise RuntimeError(
+                f"phase sync: after pushing weights v{version}, rollout worker {wid} scores the probe "
+                f"sequence {diff:.4f} nats/token away from the learner (bound sync.max_logprob_diff="
+                f"{cfg.sync.max_logprob_diff}); the rollout engine is not sampling from the trained weights")
+    return worst
+
+
+def save_checkpoint(learners, out_dir: Path, step: int, keep: int) -> str:
+    """Hugging Face-format checkpoint under checkpoints/step_XXXXXX; keep the newest ``keep``."""
+    ckpt_root = out_dir / "checkpoints"
+    path = ckpt_root / f"step_{step:06d}"
+    learners.save_hf(str(path))
+    old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for p in old[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    return str(path)
+
+
+# ================================ set-up helpers ======================================================
+
+
+def resolve_model_path(cfg: RLConfig) -> str:
+    if cfg.model.path:
+        return cfg.model.path
+    from rlsys.models import ensure_tiny_model
+
+    return str(ensure_tiny_model(size=cfg.model.tiny_size, seed=cfg.model.tiny_seed))
+
+
+def load_prompt_rows(cfg: RLConfig) -> list[PromptRow]:
+    d = cfg.data
+    if d.task is not None:
+        from rlsys.tasks import get_task
+
+        rows = get_task(d.task).generate("train", d.num_train, seed=cfg.trainer.seed)
+    else:
+        from rlsys.data import load_rows
+
+        rows, report = load_rows(d.path, prompt_key=d.prompt_key, answer_key=d.answer_key, id_key=d.id_key,
+                                 verifier=d.verifier, system_prompt=d.system_prompt, on_bad_row=d.on_bad_row,
+                                 answer_after=d.answer_after)
+        if report.num_skipped:
+            log.warning("data: skipped %d malformed rows of %s: %s", report.num_skipped, d.path, report.reasons)
+    return rows[: d.limit] if d.limit else rows
+
+
+def encode_prompt(tokenizer, row: PromptRow) -> list[int]:
+    """Chat-template the row's messages (with the assistant generation prompt) and tokenize once."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model's tokenizer has no chat_template; rlsys formats prompts as chats. "
+                         "Use an instruct/chat checkpoint or add a chat_template to tokenizer_config.json")
+    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in row.messages],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def probe_tokens(tokenizer, row: PromptRow) -> list[int]:
+    """A fixed sequence (a prompt plus a short answer) both sides score after every sync."""
+    return encode_prompt(tokenizer, row) + tokenizer.encode("Answer: 42", add_special_tokens=False)
+
+
+def rollout_spec(cfg: RLConfig, model_path: str):
+    from rlsys.workers.rollout import RolloutSpec
+
+    r = cfg.rollout
+    return RolloutSpec(model_path=model_path, dtype=cfg.model.dtype, max_tokens=r.max_tokens,
+                       temperature=r.temperature, top_p=r.top_p, kv_cache_memory_bytes=r.kv_cache_memory_mb << 20,
+                       gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+                       seed=cfg.trainer.seed)
+
+
+def learner_spec(cfg: RLConfig, model_path: str):
+    from rlsys.workers.learner import LearnerSpec
+
+    a, lr = cfg.algo, cfg.learner
+    return LearnerSpec(model_path=model_path, zero_stage=lr.zero_stage, dtype=cfg.model.dtype, lr=lr.lr,
+                       weight_decay=lr.weight_decay, betas=(lr.beta1, lr.beta2), warmup_steps=lr.warmup_steps,
+                       grad_clip=lr.grad_clip, micro_batch_size=lr.micro_batch_size, loss_type=a.loss_type,
+                       clip_low=a.clip_low, clip_high=a.clip_high, agg=a.agg,
+                       token_sum_constant=float(cfg.rollout.max_tokens), kl_coef=a.kl_coef,
+                       entropy_coef=a.entropy_coef, seed=cfg.trainer.seed,
+                       gradient_checkpointing=lr.gradient_checkpointing)
+
+
+# ================================ logging =============================================================
+
+
+def step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, times, refill, logprob_diff,
+                 version, reward_pool) -> dict[str, float]:
+    lengths = np.array([len(c.token_ids) for g in groups for c in g.completions])
+    truncated = np.array([c.finish_reason == "length" for g in groups for c in g.completions])
+    gen_tokens = sum(s.num_tokens for s in gen_stats)
+    gen_seconds = max((s.seconds for s in gen_stats), default=0.0)
+    status_counts = {s: 0 for s in GRADE_STATUSES}
+    for gr in grades:
+        status_counts[gr.status] += 1
+    m: dict[str, float] = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "reward/success_rate": float(correct.float().mean()),
+        "reward/timeouts": status_counts["timeout"],
+        "reward/errors": status_counts["error"],
+        "reward/invalid": status_counts["invalid"],
+        "rollout/response_length": float(lengths.mean()),
+        "rollout/truncated_fraction": float(truncated.mean()),
+        "rollout/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else 0.0,
+        "train/loss": tstats.loss,
+        "train/pg_loss": tstats.pg_loss,
+        "train/clip_fraction": tstats.clip_fraction,
+        "train/grad_norm": tstats.grad_norm,
+        "train/entropy": tstats.entropy,
+        "train/approx_kl": tstats.approx_kl,
+        "train/lr": tstats.lr,
+        "train/ratio_max": tstats.ratio_max,
+        "train/rollout_logprob_diff": tstats.rollout_logprob_diff,
+        "train/tokens": tstats.num_tokens,
+        "train/skipped": int(tstats.skipped),
+        "sync/seconds": times["time/sync"],
+        "sync/logprob_diff": logprob_diff,
+        "weight_version": version,
+    }
+    for k, v in gstats.as_dict().items():
+        m[f"algo/{k}"] = v
+    m.update(refill)
+    m.update(times)
+    m["time/rollout"] = m["time/rollout"] - times.get("time/reward", 0.0)  # generation only
+    return m
+
+
+def log_step(step: int, total: int, m: dict[str, float]) -> None:
+    log.info("step %d/%d  reward %.3f  success %.3f  mixed %.2f  focal %.3f  loss %+.4f  kl %.2e  "
+             "len %.1f  | rollout %.2fs reward %.2fs train %.2fs sync %.2fs (diff %.4f)",
+             step, total, m["reward/mean"], m["reward/success_rate"], m["algo/mixed_group_fraction"],
+             m["algo/focal_weight_mean"], m["train/loss"], m["train/approx_kl"], m["rollout/response_length"],
+             m["time/rollout"], m["time/reward"], m["time/train"], m["time/sync"], m["sync/logprob_diff"])
+
+
+def log_samples(tokenizer, rows, groups, rewards, n: int, step: int, logger) -> None:
+    table = []
+    for i in range(min(n, len(groups))):
+        prompt = rows[i].messages[-1][1]
+        text = groups[i].completions[0].text
+        r = float(rewards[i, 0])
+        log.info("  sample [%s] reward %.2f | %s -> %r", groups[i].prompt_id, r, _short(prompt), _short(text))
+        table.append([step, groups[i].prompt_id, prompt, text, r])
+    if table:
+        logger.log_table("samples", ["step", "prompt_id", "prompt", "completion", "reward"], table, step)
+
+
+def _short(s: str, n: int = 120) -> str:
+    s = s.replace("\n", " | ")
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+__all__ = ["train", "RunSummary", "collect_groups", "make_train_batch", "check_sync"]

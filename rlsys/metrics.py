@@ -1,0 +1,76 @@
+"""Metrics: one JSON line per step in ``metrics.jsonl`` and the same dict to W&B.
+
+Keys are namespaced (``reward/``, ``algo/``, ``train/``, ``rollout/``, ``sync/``, ``time/``,
+``eval/``); docs/metrics.md is the glossary. Secrets never reach this file: only numbers do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger("rlsys.metrics")
+
+
+class MetricsLogger:
+    """Append-only metrics sink. ``log(step, metrics)`` writes one line and forwards to W&B."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, wandb_mode: str = "offline", project: str = "rlsys",
+                 entity: Optional[str] = None, run_name: Optional[str] = None, config: Optional[dict] = None,
+                 run_id: Optional[str] = None):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._wandb = None
+        self.run_id = run_id
+        if wandb_mode != "disabled":
+            import wandb
+
+            # W&B writes its offline run under output_dir/wandb; `wandb sync` uploads it later.
+            self._wandb = wandb.init(project=project, entity=entity, name=run_name, mode=wandb_mode,
+                                     dir=str(self.dir), config=config or {}, id=run_id,
+                                     resume="allow" if run_id else None, reinit="finish_previous")
+            self.run_id = self._wandb.id
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            if isinstance(v, bool):
+                v = int(v)
+            if isinstance(v, (int, float)):
+                # JSON has no NaN/inf: keep them visible as strings rather than dropping them.
+                row[k] = v if math.isfinite(v) else str(v)
+        self._fh.write(json.dumps(row, sort_keys=True) + "\n")
+        self._fh.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(step))
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """Decoded samples etc. go to W&B as a table (and nowhere else: the log prints them)."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=int(step))
+
+    def log_image(self, key: str, path: str, step: Optional[int] = None) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(path)}, step=step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Parse a metrics.jsonl file."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,39 @@
+"""vLLM worker extension: the public hook through which new weights enter a running engine.
+
+vLLM loads this class into its worker (``LLM(worker_extension_cls="rlsys.workers.vllm_ext.
+WeightReloadExtension")``) and ``llm.collective_rpc("rlsys_reload_weights", ...)`` calls it.
+On CPU, ``model.load_weights`` alone fails because vLLM prepacks linear weights and empties
+``layer.weight``; ``model_runner.reload_weights(is_checkpoint_format=True)`` re-runs the loader's
+processing layer by layer, so checkpoint-format tensors go in and kernel-format weights come out.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+class WeightReloadExtension:
+    """Mixed into vLLM's worker; ``self`` is the worker (it has ``model_runner``)."""
+
+    def rlsys_reload_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Load checkpoint-format (name, tensor) pairs; returns the names that were consumed.
+
+        ``weights`` may be a lazy iterator (e.g. pulling buckets from Ray's object store) so that
+        only one bucket is resident at a time. Works with the in-process engine, which passes the
+        iterator through unchanged (a multi-process engine would have to pickle it).
+        """
+        seen: list[str] = []
+
+        def tracked() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                seen.append(name)
+                yield name, tensor
+
+        self.model_runner.reload_weights(weights_iterator=tracked(), is_checkpoint_format=True)
+        return seen
+
+    def rlsys_param_names(self) -> list[str]:
+        """Names of the engine's parameters (vLLM naming, e.g. fused qkv_proj)."""
+        return [name for name, _ in self.model_runner.get_model().named_parameters()]

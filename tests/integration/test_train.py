@@ -1,0 +1,159 @@
+"""End to end: `python -m rlsys.train` on a real local Ray cluster with vLLM (CPU) rollout workers,
+the reward pool and DeepSpeed learners (gloo). Each run is a subprocess, as a user would start it,
+and its whole process tree is watched for sockets bound off loopback while it runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file as _load_torch
+
+from tests.netcheck import non_loopback_listeners, tree_pids
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+# Every key the issue asks for, each step, finite.
+STEP_KEYS = [
+    "reward/mean", "reward/success_rate", "algo/focal_weight_mean", "algo/focal_weight_min",
+    "algo/focal_weight_max", "algo/mixed_group_fraction", "algo/all_correct_fraction", "algo/all_wrong_fraction",
+    "train/loss", "train/clip_fraction", "train/grad_norm", "train/entropy", "train/approx_kl",
+    "rollout/response_length", "rollout/tokens_per_s", "sync/seconds", "sync/logprob_diff", "time/rollout",
+    "time/reward", "time/train", "time/sync", "time/step", "step", "weight_version",
+]
+
+SMALL = ["trainer.total_steps=2", "trainer.prompts_per_step=4", "algo.group_size=4", "rollout.max_tokens=16",
+         "learner.micro_batch_size=4", "logger.wandb_mode=offline", "learner.lr=1e-3"]
+DIGIT = "tests.integration.reward_fns:has_digit"
+
+
+def digit_data(tmp_path: Path, n: int = 32) -> list[str]:
+    """A JSONL prompt file graded by a user function that random text passes ~15% of the time,
+    so a randomly initialised model gets mixed groups and a non-zero gradient."""
+    path = tmp_path / "prompts.jsonl"
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"Write a number near {i}.", "answer": str(i)}) + "\n")
+    return ["data=file", f"data.path={path}", f"data.verifier={DIGIT}", f"reward.allowed_functions=[{DIGIT}]"]
+
+
+def run_train(tmp_path: Path, *overrides: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, list]:
+    """Run the training CLI; return the process result and any off-loopback listeners it had."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rlsys.train", f"run.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
+           *SMALL, *overrides]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    bad: list = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            bad.extend(non_loopback_listeners(tree_pids(proc.pid)))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    finally:
+        done.set()
+        watcher.join()
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, ""), bad
+
+
+def metrics_of(tmp_path: Path) -> list[dict]:
+    with open(tmp_path / "run" / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def load_file(path: str) -> dict[str, np.ndarray]:
+    """safetensors -> float32 numpy (numpy has no bfloat16)."""
+    return {k: v.float().numpy() for k, v in _load_torch(path).items()}
+
+
+def initial_weights() -> dict[str, np.ndarray]:
+    from rlsys.models import ensure_tiny_model
+
+    return load_file(str(Path(ensure_tiny_model("tiny", 0)) / "model.safetensors"))
+
+
+def check_run(tmp_path: Path, res: subprocess.CompletedProcess, bad: list, steps: int = 2) -> list[dict]:
+    assert res.returncode == 0, res.stdout[-6000:]
+    assert not bad, f"sockets bound off loopback during the run: {sorted(set(bad))}"
+    rows = metrics_of(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert any(r["algo/mixed_group_fraction"] > 0 for r in rows), "no mixed group: the test has no signal"
+    for r in rows:
+        missing = [k for k in STEP_KEYS if k not in r]
+        assert not missing, f"metrics.jsonl lacks {missing}"
+        nonfinite = [k for k in STEP_KEYS if not math.isfinite(r[k])]
+        assert not nonfinite, f"non-finite metrics {nonfinite}: {r}"
+        # After every push the rollout engine scores the probe like the learner (bf16 noise).
+        assert r["sync/logprob_diff"] < 0.05
+        assert r["weight_version"] == r["step"]
+    # The final checkpoint is a Hugging Face directory whose weights moved away from the start.
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    new = load_file(str(ckpt / "model.safetensors"))
+    old = initial_weights()
+    assert set(new) >= set(old)
+    moved = sum(float(np.abs(new[k].astype(np.float32) - old[k].astype(np.float32)).max()) > 0 for k in old)
+    assert moved >= len(old) // 2, f"only {moved}/{len(old)} tensors changed"
+    assert "sample [" in res.stdout  # decoded samples are in the log
+    return rows
+
+
+def test_train_one_worker_each(tmp_path):
+    res, bad = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path))
+    check_run(tmp_path, res, bad)
+    from transformers import AutoModelForCausalLM
+
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    AutoModelForCausalLM.from_pretrained(ckpt)  # loadable by transformers
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_train_two_learners_two_rollout_workers(tmp_path, zero_stage):
+    res, bad = run_train(tmp_path, "learner.num_workers=2", f"learner.zero_stage={zero_stage}",
+                         "rollout.num_workers=2", "cluster.num_cpus=6", "learner.micro_batch_size=2",
+                         *digit_data(tmp_path))
+    check_run(tmp_path, res, bad)
+
+
+def test_hanging_verifier_is_timed_out_and_counted(tmp_path):
+    """A user reward function that never returns for some rows costs reward 0, is counted, and the
+    step completes; data comes from a JSONL file through the same loader users point at."""
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as fh:
+        for i in range(8):
+            fh.write(json.dumps({"question": f"Say {i}.", "gold": "HANG" if i % 2 else str(i)}) + "\n")
+    spec = "tests.integration.reward_fns:hang_on_marker"
+    res, bad = run_train(tmp_path, "cluster.num_cpus=4", "data=file", f"data.path={data}", "data.prompt_key=question",
+                         "data.answer_key=gold", f"data.verifier={spec}", f"reward.allowed_functions=[{spec}]",
+                         "reward.timeout_s=1.0", "trainer.total_steps=1", "trainer.prompts_per_step=8",
+                         "algo.group_size=2", "reward.procs_per_worker=2")
+    assert res.returncode == 0, res.stdout[-6000:]
+    rows = metrics_of(tmp_path)
+    # 4 hanging rows x 2 samples, each killed at its 1 s limit.
+    assert rows[0]["reward/timeouts"] == 8
+    assert rows[0]["reward/errors"] == 0
+    assert rows[0]["time/reward"] < 60
+
+
+def test_bad_config_fails_before_any_actor_starts(tmp_path):
+    res, _ = run_train(tmp_path, "algo=grpo", "algo.gamma=0.5", timeout=120)
+    assert res.returncode == 2
+    assert "algo.gamma" in res.stdout and "f_grpo" in res.stdout
+    assert "vLLM engine up" not in res.stdout
