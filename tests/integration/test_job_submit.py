@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,7 +50,13 @@ def _cluster_pids(temp_dir: str) -> set[int]:
 def head_node():
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rlsys_ray_")  # short: Ray's unix socket paths are length-limited
     gcs, dash = _free_port(), _free_port()
+    # Ray 2.60 token auth: the head and every client (ray job submit) share a token file; a
+    # fresh one per test keeps this cluster's credentials its own.
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     ray_bin = str(Path(sys.executable).parent / "ray")

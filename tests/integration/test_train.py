@@ -157,3 +157,18 @@ def test_bad_config_fails_before_any_actor_starts(tmp_path):
     assert res.returncode == 2
     assert "algo.gamma" in res.stdout and "f_grpo" in res.stdout
     assert "vLLM engine up" not in res.stdout
+
+
+def test_dapo_dynamic_sampling_survives_when_nothing_is_mixed(tmp_path):
+    """DAPO's filter drops every group (all wrong); the driver refills for max_refill_rounds, then
+    trains on a zero-signal batch and says so, instead of crashing (a known pain elsewhere)."""
+    never = "tests.integration.reward_fns:never"
+    res, _ = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path), "algo=f_dapo",
+                       f"data.verifier={never}", f"reward.allowed_functions=[{never}]", "algo.max_refill_rounds=2",
+                       "trainer.total_steps=1")
+    assert res.returncode == 0, res.stdout[-6000:]
+    row = metrics_of(tmp_path)[0]
+    assert row["algo/sampling_rounds"] == 3  # the first round + 2 refills
+    assert row["algo/filtered_groups"] == 3 * 4
+    assert row["train/grad_norm"] == 0.0
+    assert "no mixed group" in res.stdout
