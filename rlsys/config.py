@@ -38,6 +38,7 @@ class TrainerConfig:
     seed: int = 0
     save_every: int = 0  # 0: save only at the end
     eval_every: int = 0  # 0: no evaluation during training
+    eval_at_start_end: bool = True  # held-out pass@k of the starting and the final policy
     keep_checkpoints: int = 2
     log_samples: int = 2  # decoded samples printed per step
     max_nonfinite_steps: int = 3  # abort after this many skipped non-finite steps in a row

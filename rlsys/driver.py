@@ -24,6 +24,7 @@ import torch
 
 from rlsys import algo
 from rlsys.config import RLConfig, validate
+from rlsys.eval import EvalResult, eval_metrics, load_eval_rows
 from rlsys.records import GRADE_STATUSES, GradeRequest, PromptRow, RolloutGroup, RolloutRequest, TrainBatch
 from rlsys.sampler import PromptSampler, sample_seed
 
@@ -37,9 +38,12 @@ class RunSummary:
     output_dir: str
     checkpoint: str
     steps: int
-    first_reward: float
+    first_reward: float  # mean train reward of the first / last step
     last_reward: float
     metrics_path: str
+    eval_before: dict[int, float]  # held-out pass@k of the starting policy ({} when not evaluated)
+    eval_after: dict[int, float]
+    eval_plot: str = ""
 
 
 @contextmanager
@@ -110,10 +114,18 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
                            config=dataclasses.asdict(cfg))
     sampler = PromptSampler(len(rows), seed=t.seed)
     probe = probe_tokens(tokenizer, rows[0])
+    eval_rows = load_eval_rows(cfg) if (t.eval_at_start_end or t.eval_every) else []
+    evals: dict[str, EvalResult] = {}
     version = 0
+    skipped_in_a_row = 0
     rewards_seen: list[float] = []
     checkpoint = ""
     try:
+        if t.eval_at_start_end:
+            # Row step 0 of metrics.jsonl: the starting policy, before any update.
+            evals["start"] = run_evaluation(cfg, eval_rows, tokenizer, rollout, reward_pool, logger, 0, "start")
+            logger.log(0, eval_metrics(evals["start"]))
+
         for step in range(1, t.total_steps + 1):
             times: dict[str, float] = {}
             step_t0 = time.perf_counter()
@@ -133,6 +145,14 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
                 batch = make_train_batch(groups, adv, tokenizer.pad_token_id, a.agg)
                 parts = learners.shard(batch, tokenizer.pad_token_id)
                 tstats = learners.train_step(parts)
+            # A non-finite loss or gradient skips the optimizer step on every rank (learner side);
+            # a few in a row mean the run has diverged: stop with a message rather than burn hours.
+            skipped_in_a_row = skipped_in_a_row + 1 if tstats.skipped else 0
+            if skipped_in_a_row >= t.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient and were "
+                    f"skipped (trainer.max_nonfinite_steps={t.max_nonfinite_steps}); lower learner.lr, check "
+                    f"the rewards, or resume from the last checkpoint {checkpoint or '(none yet)'}")
 
             # ---- 4. sync weights to every rollout worker, then check them ------------------------
             with timed(times, "sync"):
@@ -142,10 +162,18 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
                 del refs
                 logprob_diff = check_sync(cfg, learners, rollout, probe, version) if cfg.sync.check else float("nan")
 
-            # ---- 5. log -------------------------------------------------------------------------------
+            # ---- 5. log (and evaluate every trainer.eval_every steps) ----------------------------------
             times["time/step"] = time.perf_counter() - step_t0
             metrics = step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, times,
                                    refill, logprob_diff, version, reward_pool)
+            last = step == t.total_steps
+            if (t.eval_every and step % t.eval_every == 0) or (last and t.eval_at_start_end):
+                with timed(metrics, "eval"):
+                    ev = run_evaluation(cfg, eval_rows, tokenizer, rollout, reward_pool, logger, step,
+                                        "end" if last else f"step_{step:06d}")
+                metrics.update(eval_metrics(ev))
+                if last:
+                    evals["end"] = ev
             logger.log(step, metrics)
             rewards_seen.append(metrics["reward/mean"])
             log_step(step, t.total_steps, metrics)
@@ -160,9 +188,32 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
         rollout.shutdown()
         reward_pool.shutdown()
         learners.shutdown()
+    plot = ""
+    if evals:
+        from rlsys.eval import plot_pass_at_k
+
+        plot = str(plot_pass_at_k({f"{name} of training": dict(e.pass_at_k) for name, e in evals.items()},
+                                  out_dir / "eval" / "pass_at_k_start_vs_end.png",
+                                  errors={f"{name} of training": dict(e.pass_at_k_stderr) for name, e in evals.items()},
+                                  title=f"held-out pass@k ({len(eval_rows)} problems, n={cfg.eval.n})"))
     return RunSummary(output_dir=str(out_dir), checkpoint=checkpoint, steps=t.total_steps,
                       first_reward=rewards_seen[0], last_reward=rewards_seen[-1],
-                      metrics_path=str(out_dir / "metrics.jsonl"))
+                      metrics_path=str(out_dir / "metrics.jsonl"),
+                      eval_before=dict(evals["start"].pass_at_k) if "start" in evals else {},
+                      eval_after=dict(evals["end"].pass_at_k) if "end" in evals else {}, eval_plot=plot)
+
+
+def run_evaluation(cfg: RLConfig, rows: list[PromptRow], tokenizer, rollout, reward_pool, logger, step: int,
+                   label: str) -> "EvalResult":
+    """Held-out pass@k of the rollout workers' current weights; writes JSON/CSV/PNG under eval/."""
+    from rlsys.eval import evaluate, format_table, write_eval_outputs
+
+    e = cfg.eval
+    result = evaluate(rows, tokenizer, rollout, reward_pool, n=e.n, ks=list(e.k), seed=e.seed)
+    paths = write_eval_outputs(result, Path(cfg.run.output_dir) / "eval", label)
+    log.info("eval [%s]\n%s", label, format_table(result, f"held-out eval at step {step}"))
+    logger.log_image(f"eval/plot_{label}", str(paths.png), step=step)
+    return result
 
 
 # ================================ phases ==============================================================

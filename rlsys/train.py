@@ -29,8 +29,20 @@ def _app(dcfg: DictConfig) -> None:
         summary = train(cfg)
     except ConfigError as e:
         fail(str(e))
-    print(f"\nrlsys: done. {summary.steps} steps; train reward {summary.first_reward:.3f} -> "
-          f"{summary.last_reward:.3f}\n  metrics:    {summary.metrics_path}\n  checkpoint: {summary.checkpoint}")
+    print(format_summary(summary))
+
+
+def format_summary(s) -> str:
+    """The few lines a user reads at the end of a run."""
+    lines = [f"\nrlsys: done. {s.steps} steps",
+             f"  train reward (mean, first -> last step): {s.first_reward:.3f} -> {s.last_reward:.3f}"]
+    for k in sorted(s.eval_after):
+        before = s.eval_before.get(k, float("nan"))
+        lines.append(f"  held-out pass@{k:<4d} before -> after: {before:.3f} -> {s.eval_after[k]:.3f}")
+    lines += [f"  metrics:    {s.metrics_path}", f"  checkpoint: {s.checkpoint}"]
+    if s.eval_plot:
+        lines.append(f"  pass@k plot: {s.eval_plot}")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -32,7 +32,8 @@ STEP_KEYS = [
 ]
 
 SMALL = ["trainer.total_steps=2", "trainer.prompts_per_step=4", "algo.group_size=4", "rollout.max_tokens=16",
-         "learner.micro_batch_size=4", "logger.wandb_mode=offline", "learner.lr=1e-3"]
+         "learner.micro_batch_size=4", "logger.wandb_mode=offline", "learner.lr=1e-3",
+         "eval.n=4", "eval.k=[1,4]", "eval.num_prompts=4"]
 DIGIT = "tests.integration.reward_fns:has_digit"
 
 
@@ -75,8 +76,9 @@ def run_train(tmp_path: Path, *overrides: str, timeout: int = 900) -> tuple[subp
 
 
 def metrics_of(tmp_path: Path) -> list[dict]:
+    """The training steps' rows (row 0, when present, is the evaluation before training)."""
     with open(tmp_path / "run" / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh]
+        return [r for r in map(json.loads, fh) if r["step"] >= 1]
 
 
 def load_file(path: str) -> dict[str, np.ndarray]:
@@ -112,6 +114,12 @@ def check_run(tmp_path: Path, res: subprocess.CompletedProcess, bad: list, steps
     moved = sum(float(np.abs(new[k].astype(np.float32) - old[k].astype(np.float32)).max()) > 0 for k in old)
     assert moved >= len(old) // 2, f"only {moved}/{len(old)} tensors changed"
     assert "sample [" in res.stdout  # decoded samples are in the log
+    # Held-out evaluation before (row 0) and after training (the last row), with its plot.
+    with open(tmp_path / "run" / "metrics.jsonl") as fh:
+        first = json.loads(fh.readline())
+    assert first["step"] == 0 and 0 <= first["eval/pass@1"] <= first["eval/pass@4"] <= 1
+    assert 0 <= rows[-1]["eval/pass@1"] <= rows[-1]["eval/pass@4"] <= 1
+    assert (tmp_path / "run" / "eval" / "pass_at_k_start_vs_end.png").stat().st_size > 0
     return rows
 
 
@@ -143,6 +151,7 @@ def test_hanging_verifier_is_timed_out_and_counted(tmp_path):
     res, bad = run_train(tmp_path, "cluster.num_cpus=4", "data=file", f"data.path={data}", "data.prompt_key=question",
                          "data.answer_key=gold", f"data.verifier={spec}", f"reward.allowed_functions=[{spec}]",
                          "reward.timeout_s=1.0", "trainer.total_steps=1", "trainer.prompts_per_step=8",
+                         "trainer.eval_at_start_end=false",
                          "algo.group_size=2", "reward.procs_per_worker=2")
     assert res.returncode == 0, res.stdout[-6000:]
     rows = metrics_of(tmp_path)
@@ -165,6 +174,7 @@ def test_dapo_dynamic_sampling_survives_when_nothing_is_mixed(tmp_path):
     never = "tests.integration.reward_fns:never"
     res, _ = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path), "algo=f_dapo",
                        f"data.verifier={never}", f"reward.allowed_functions=[{never}]", "algo.max_refill_rounds=2",
+                       "trainer.eval_at_start_end=false",
                        "trainer.total_steps=1")
     assert res.returncode == 0, res.stdout[-6000:]
     row = metrics_of(tmp_path)[0]
