@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 log = logging.getLogger("rlsys.cluster")
 
@@ -63,6 +64,20 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
              configure_logging=False)
     log.info("joined the Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU"))
     return False
+
+
+@contextmanager
+def session(address: Optional[str], num_cpus: Optional[int] = None, namespace: str = "rlsys") -> Iterator[int]:
+    """``with session(...) as cpus:`` start or join Ray (see ``connect``); yields the cluster's CPU
+    count and shuts down on exit only a cluster this call started."""
+    started = connect(address, num_cpus, namespace)
+    try:
+        yield available_cpus()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def actor_options(num_cpus: float, num_gpus: float = 0.0, name: Optional[str] = None) -> dict:

@@ -99,6 +99,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # GPU only
     enforce_eager: bool = True  # torch.compile costs 25-45 s of start-up on CPU
     timeout_s: float = 600.0  # a generate call that takes longer fails the step, naming the worker
+    max_restarts: int = 3  # a worker that dies is replaced, at most this many times per worker per run
 
 
 @dataclass
@@ -110,6 +111,7 @@ class RewardConfig:
     success_threshold: float = 1.0  # a float reward >= this counts as correct
     memory_limit_mb: int = 2048
     allowed_functions: list[str] = field(default_factory=list)  # user "module:function" allow-list
+    max_restarts: int = 3  # a reward actor that dies is replaced, at most this many times per actor per run
 
 
 @dataclass
@@ -177,7 +179,7 @@ class SFTConfig:
     enabled: bool = True  # rlsys.train: warm-start the built-in tiny model before RL
     seed: int = 0  # data order, sampled solutions, eval prompts; not trainer.seed, so RL seeds share one warm start
     dtype: Optional[str] = None  # learner dtype for SFT: bfloat16 | float32; None: model.dtype
-    micro_batch_size: Optional[int] = None  # None: learner.micro_batch_size
+    micro_batch_size: Optional[int] = None  # None: each rank's whole share of the batch at once (short rows)
     max_response_tokens: Optional[int] = None  # cap on a training response; None: rollout.max_tokens
     log_every: int = 25  # steps between held-out NLL measurements
     eval_prompts: int = 64  # after SFT: prompts per split (test, ood) sampled with vLLM; 0: no eval
@@ -291,7 +293,7 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
 
     r = cfg.rollout
     _check_positive(r, "rollout", ("num_workers", "max_tokens", "kv_cache_memory_mb", "timeout_s"))
-    _check_positive(r, "rollout", ("num_cpus_per_worker", "num_gpus_per_worker"), allow_zero=True)
+    _check_positive(r, "rollout", ("num_cpus_per_worker", "num_gpus_per_worker", "max_restarts"), allow_zero=True)
     if not 0 < r.top_p <= 1:
         _fail("rollout.top_p", r.top_p, "must be in (0, 1]")
     if r.temperature <= 0:
@@ -299,7 +301,7 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
 
     w = cfg.reward
     _check_positive(w, "reward", ("num_workers", "procs_per_worker", "timeout_s", "memory_limit_mb"))
-    _check_positive(w, "reward", ("num_cpus_per_worker",), allow_zero=True)
+    _check_positive(w, "reward", ("num_cpus_per_worker", "max_restarts"), allow_zero=True)
 
     lr = cfg.learner
     _check_positive(lr, "learner", ("num_workers", "micro_batch_size", "lr", "timeout_s"))

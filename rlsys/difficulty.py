@@ -251,15 +251,9 @@ def run_difficulty(cfg: RLConfig) -> DifficultyRun:
     from rlsys.eval import check_eval_resources
 
     validate(cfg)
-    started = cluster.connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace)
-    try:
-        check_eval_resources(cfg, cluster.available_cpus())
+    with cluster.session(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace) as cpus:
+        check_eval_resources(cfg, cpus)
         return _run_difficulty(cfg)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def _run_difficulty(cfg: RLConfig) -> DifficultyRun:

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from rlsys import algo
-from rlsys.config import RLConfig, validate
+from rlsys import checkpoint as ckpt
+from rlsys.config import ConfigError, RLConfig, validate
 from rlsys.eval import EvalResult, eval_metrics, load_eval_rows
 from rlsys.records import GRADE_STATUSES, GradeRequest, PromptRow, RolloutGroup, RolloutRequest, TrainBatch
 from rlsys.sampler import PromptSampler, sample_seed
@@ -62,15 +62,9 @@ def train(cfg: RLConfig) -> RunSummary:
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)  # values only; resources are checked once the cluster is known
-    started_local = cluster.connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace)
-    try:
-        validate(cfg, available_cpus=cluster.available_cpus())
+    with cluster.session(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace) as cpus:
+        validate(cfg, available_cpus=cpus)
         return _train(cfg, out_dir)
-    finally:
-        if started_local:
-            import ray
-
-            ray.shutdown()
 
 
 def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
@@ -79,11 +73,13 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
     from rlsys import cluster
     from rlsys.metrics import MetricsLogger
     from rlsys.rewards.pool import RewardPool
-    from rlsys.workers.learner import LearnerGroup
+    from rlsys.workers.learner import LearnerError, LearnerGroup
     from rlsys.workers.rollout import RolloutPool
 
     a, t = cfg.algo, cfg.trainer
     model_path = resolve_model_path(cfg)
+    resume = find_resume_point(cfg, out_dir)
+    state = ckpt.load_driver_state(resume) if resume else None
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rows = load_prompt_rows(cfg)
     if len(rows) < t.prompts_per_step:
@@ -97,36 +93,48 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
         num_workers=cfg.reward.num_workers, procs_per_worker=cfg.reward.procs_per_worker,
         timeout_s=cfg.reward.timeout_s, success_threshold=cfg.reward.success_threshold,
         memory_limit_mb=cfg.reward.memory_limit_mb, allowed_functions=tuple(cfg.reward.allowed_functions),
-        num_cpus=cfg.reward.num_cpus_per_worker)
+        num_cpus=cfg.reward.num_cpus_per_worker, max_restarts=cfg.reward.max_restarts)
     reward_pool.validate_specs(sorted({r.verifier for r in rows}))
     learners = LearnerGroup(learner_spec(cfg, model_path), cfg.learner.num_workers,
                             actor_options=cluster.actor_options(cfg.learner.num_cpus_per_worker,
                                                                 cfg.learner.num_gpus_per_worker),
                             init_dir=str(out_dir / ".dist"), call_timeout_s=cfg.learner.timeout_s)
-    rollout = RolloutPool(rollout_spec(cfg, model_path), cfg.rollout.num_workers,
+    if resume:
+        # Optimizer state, fp32 master weights and RNG of every rank; the rollout engines start
+        # from the checkpoint's Hugging Face weights, which equal the last pushed ones.
+        learners.load_state(str(resume / ckpt.LEARNER_STATE_DIR))
+    rollout = RolloutPool(rollout_spec(cfg, str(resume) if resume else model_path), cfg.rollout.num_workers,
                           num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
-                          timeout_s=cfg.rollout.timeout_s)
+                          timeout_s=cfg.rollout.timeout_s, max_restarts=cfg.rollout.max_restarts)
     log.info("actors up in %.1f s: %d rollout, %d reward, %d learner workers", time.perf_counter() - t0,
              cfg.rollout.num_workers, cfg.reward.num_workers, cfg.learner.num_workers)
 
+    if state:
+        dropped = ckpt.truncate_metrics(out_dir / "metrics.jsonl", state.step)
+        log.info("resuming from %s (step %d, weight version %d); dropped %d metrics rows written after it",
+                 resume, state.step, state.weight_version, dropped)
     logger = MetricsLogger(out_dir, wandb_mode=cfg.logger.wandb_mode, project=cfg.logger.project,
                            entity=cfg.logger.entity, run_name=cfg.run.name or f"{a.name}-{out_dir.name}",
-                           config=dataclasses.asdict(cfg))
-    sampler = PromptSampler(len(rows), seed=t.seed)
+                           config=dataclasses.asdict(cfg), run_id=state.wandb_run_id if state else None)
+    sampler = PromptSampler(len(rows), seed=t.seed, state=state.sampler if state else None)
     probe = probe_tokens(tokenizer, rows[0])
     eval_rows = load_eval_rows(cfg) if (t.eval_at_start_end or t.eval_every) else []
     evals: dict[str, EvalResult] = {}
-    version = 0
-    skipped_in_a_row = 0
-    rewards_seen: list[float] = []
-    checkpoint = ""
+    eval_before: dict[int, float] = dict(state.eval_before) if state else {}
+    version = state.weight_version if state else 0
+    skipped_in_a_row = state.skipped_in_a_row if state else 0
+    first_reward = state.first_reward if state else float("nan")
+    last_reward = float("nan")
+    checkpoint = str(resume) if resume else ""
+    start_step = state.step + 1 if state else 1
     try:
-        if t.eval_at_start_end:
+        if t.eval_at_start_end and not state:
             # Row step 0 of metrics.jsonl: the starting policy, before any update.
             evals["start"] = run_evaluation(cfg, eval_rows, tokenizer, rollout, reward_pool, logger, 0, "start")
+            eval_before = dict(evals["start"].pass_at_k)
             logger.log(0, eval_metrics(evals["start"]))
 
-        for step in range(1, t.total_steps + 1):
+        for step in range(start_step, t.total_steps + 1):
             times: dict[str, float] = {}
             step_t0 = time.perf_counter()
 
@@ -144,7 +152,13 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
             with timed(times, "train"):
                 batch = make_train_batch(groups, adv, tokenizer.pad_token_id, a.agg)
                 parts = learners.shard(batch, tokenizer.pad_token_id)
-                tstats = learners.train_step(parts)
+                try:
+                    tstats = learners.train_step(parts)
+                except LearnerError as e:
+                    raise RuntimeError(
+                        f"{e}\nThe learner group cannot continue this run. Last good checkpoint: "
+                        f"{checkpoint or '(none yet: set trainer.save_every)'}; continue from it with "
+                        f"run.resume=auto run.output_dir={out_dir}") from e
             # A non-finite loss or gradient skips the optimizer step on every rank (learner side);
             # a few in a row mean the run has diverged: stop with a message rather than burn hours.
             skipped_in_a_row = skipped_in_a_row + 1 if tstats.skipped else 0
@@ -158,6 +172,7 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
             with timed(times, "sync"):
                 version += 1
                 refs = learners.export_weight_buckets(cfg.sync.bucket_mb << 20)
+                # The pool keeps the refs (to re-push them into a worker it has to restart).
                 rollout.load_weight_buckets(refs, version)
                 del refs
                 logprob_diff = check_sync(cfg, learners, rollout, probe, version) if cfg.sync.check else float("nan")
@@ -165,7 +180,7 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
             # ---- 5. log (and evaluate every trainer.eval_every steps) ----------------------------------
             times["time/step"] = time.perf_counter() - step_t0
             metrics = step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, times,
-                                   refill, logprob_diff, version, reward_pool)
+                                   refill, logprob_diff, version, reward_pool, rollout)
             last = step == t.total_steps
             if (t.eval_every and step % t.eval_every == 0) or (last and t.eval_at_start_end):
                 with timed(metrics, "eval"):
@@ -175,13 +190,18 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
                 if last:
                     evals["end"] = ev
             logger.log(step, metrics)
-            rewards_seen.append(metrics["reward/mean"])
+            last_reward = metrics["reward/mean"]
+            if step == 1:
+                first_reward = last_reward
             log_step(step, t.total_steps, metrics)
             log_samples(tokenizer, batch_rows, groups, rewards, t.log_samples, step, logger)
 
             # ---- 6. checkpoint ------------------------------------------------------------------------
             if (t.save_every and step % t.save_every == 0) or step == t.total_steps:
-                checkpoint = save_checkpoint(learners, out_dir, step, t.keep_checkpoints)
+                state = ckpt.DriverState(step=step, sampler=sampler.state(), weight_version=version,
+                                         wandb_run_id=logger.run_id, skipped_in_a_row=skipped_in_a_row,
+                                         first_reward=first_reward, eval_before=eval_before)
+                checkpoint = save_checkpoint(learners, out_dir, state, t.keep_checkpoints)
                 log.info("step %d: checkpoint %s", step, checkpoint)
     finally:
         logger.close()
@@ -197,9 +217,8 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
                                   errors={f"{name} of training": dict(e.pass_at_k_stderr) for name, e in evals.items()},
                                   title=f"held-out pass@k ({len(eval_rows)} problems, n={cfg.eval.n})"))
     return RunSummary(output_dir=str(out_dir), checkpoint=checkpoint, steps=t.total_steps,
-                      first_reward=rewards_seen[0], last_reward=rewards_seen[-1],
-                      metrics_path=str(out_dir / "metrics.jsonl"),
-                      eval_before=dict(evals["start"].pass_at_k) if "start" in evals else {},
+                      first_reward=first_reward, last_reward=last_reward,
+                      metrics_path=str(out_dir / "metrics.jsonl"), eval_before=eval_before,
                       eval_after=dict(evals["end"].pass_at_k) if "end" in evals else {}, eval_plot=plot)
 
 
@@ -321,15 +340,27 @@ def check_sync(cfg: RLConfig, learners, rollout, probe: list[int], version: int)
     return worst
 
 
-def save_checkpoint(learners, out_dir: Path, step: int, keep: int) -> str:
-    """Hugging Face-format checkpoint under checkpoints/step_XXXXXX; keep the newest ``keep``."""
-    ckpt_root = out_dir / "checkpoints"
-    path = ckpt_root / f"step_{step:06d}"
-    learners.save_hf(str(path))
-    old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
-    for p in old[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    return str(path)
+def save_checkpoint(learners, out_dir: Path, state: "ckpt.DriverState", keep: int) -> str:
+    """checkpoints/step_XXXXXX: HF weights + learner state + driver state, renamed into place only
+    when complete (rlsys.checkpoint); the newest ``keep`` are kept."""
+    tmp = ckpt.begin(out_dir, state.step)
+    learners.save_hf(str(tmp))
+    learners.save_state(str(tmp / ckpt.LEARNER_STATE_DIR))
+    return str(ckpt.commit(tmp, state, keep))
+
+
+def find_resume_point(cfg: RLConfig, out_dir: Path) -> Optional[Path]:
+    """run.resume=auto: the newest complete checkpoint in run.output_dir (None: start fresh).
+    run.resume=never refuses a directory that already holds checkpoints rather than mix two runs."""
+    newest = ckpt.latest(out_dir)
+    if cfg.run.resume == "auto":
+        if newest is None:
+            log.info("run.resume=auto: no complete checkpoint in %s, starting fresh", out_dir)
+        return newest
+    if newest is not None:
+        raise ConfigError(f"invalid config run.output_dir={str(out_dir)!r}: it already holds checkpoints "
+                          f"({newest.name}); continue that run with run.resume=auto or choose a new output dir")
+    return None
 
 
 # ================================ set-up helpers ======================================================
@@ -402,7 +433,7 @@ def learner_spec(cfg: RLConfig, model_path: str):
 
 
 def step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, times, refill, logprob_diff,
-                 version, reward_pool) -> dict[str, float]:
+                 version, reward_pool, rollout=None) -> dict[str, float]:
     lengths = np.array([len(c.token_ids) for g in groups for c in g.completions])
     truncated = np.array([c.finish_reason == "length" for g in groups for c in g.completions])
     gen_tokens = sum(s.num_tokens for s in gen_stats)
@@ -434,6 +465,9 @@ def step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, ti
         "sync/seconds": times["time/sync"],
         "sync/logprob_diff": logprob_diff,
         "weight_version": version,
+        # Worker replacements since the pools started (cumulative; see rlsys.workers.supervision).
+        "rollout/restarts": rollout.restarts if rollout is not None else 0,
+        "reward/worker_restarts": getattr(reward_pool, "restarts", 0),
     }
     for k, v in gstats.as_dict().items():
         m[f"algo/{k}"] = v

@@ -615,15 +615,9 @@ def run_eval(cfg: RLConfig) -> EvalRun:
     if e.max_tokens is not None and e.max_tokens < 1:
         raise ConfigError(f"invalid config eval.max_tokens={e.max_tokens!r}: must be >= 1 (or null for "
                           "rollout.max_tokens)")
-    started = cluster.connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace)
-    try:
-        check_eval_resources(cfg, cluster.available_cpus())
+    with cluster.session(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace) as cpus:
+        check_eval_resources(cfg, cpus)
         return _run_eval(cfg)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def _run_eval(cfg: RLConfig) -> EvalRun:

@@ -4,21 +4,24 @@
 * ``RewardWorker`` is ``ray.remote(RewardWorkerImpl)``, created on first access so that importing
   this module never imports Ray.
 * :class:`RewardPool` (driver side) creates N ``RewardWorker`` actors, splits each batch over them and
-  re-joins the grades by ``(prompt_id, sample_index)``; every failure names the phase ("reward") and
-  the actor index.
+  re-joins the grades by ``(prompt_id, sample_index)``; an actor that dies is replaced and its chunk
+  re-graded (a bounded number of times); every failure names the phase ("reward") and the actor index.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from rlsys.records import GRADE_INVALID, GRADE_OK, GRADE_STATUSES, Grade, GradeRequest
 from rlsys.rewards.sandbox import ChildConfig, Job, VerifierSandbox
 from rlsys.rewards.verifiers import NO_ANSWER_DETAIL, check_spec_allowed, is_builtin, split_spec, truncate
+
+log = logging.getLogger("rlsys.rewards")
 
 DEFAULT_MAX_COMPLETION_CHARS = 64 * 1024
 # Counter keys besides the statuses: child replacements, and ok-but-unanswered grades (the model did
@@ -187,6 +190,9 @@ class RewardWorkerImpl:
         """Return the number of verifier processes (an RPC to wait for the constructor)."""
         return self._grader.num_procs
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def validate_specs(self, specs: list[str]) -> None:
         self._grader.validate_specs(specs)
 
@@ -238,10 +244,18 @@ class RewardPool:
     answer, so they stay together), grades them concurrently and returns one Grade per request in
     request order, joined back by ``(prompt_id, sample_index)``. Each chunk has a time bound of
     ``ceil(chunk / procs_per_worker) * (timeout_s + restart_allowance_s) + call_margin_s``, enough even
-    if every request in it hangs; overrunning it, an actor dying, or a grade going missing raises
-    RuntimeError naming the "reward" phase and the actor index. ``actor_options`` go to
-    ``RewardWorker.options``; ``num_cpus`` (default 1) is used unless they name their own. The actor
-    itself mostly waits: its ``procs_per_worker`` verifier processes do the work.
+    if every request in it hangs; overrunning it or a grade going missing raises RuntimeError naming
+    the "reward" phase and the actor index. ``actor_options`` go to ``RewardWorker.options``;
+    ``num_cpus`` (default 1) is used unless they name their own. The actor itself mostly waits: its
+    ``procs_per_worker`` verifier processes do the work.
+
+    Worker deaths: an actor that dies (see :func:`rlsys.workers.supervision.is_actor_death`) is
+    killed for good and replaced by a fresh one (same options, the verifier specs validated so far
+    re-imported), and the calls it had in flight are re-issued there: a chunk is re-graded with a
+    fresh time bound (a grade is a pure function of its request, so re-grading is safe). At most
+    ``max_restarts`` replacements per actor over the pool's life; one more death raises RuntimeError
+    naming the actor, what it was doing and the last error. ``restarts`` counts replacements.
+    ``counters()`` keeps the counts a dead actor reported the last time ``counters()`` asked it.
     """
 
     def __init__(
@@ -260,8 +274,10 @@ class RewardPool:
         call_margin_s: float = 60.0,
         restart_allowance_s: float = 5.0,
         base_dir: str | None = None,
+        max_restarts: int = 3,
+        restart_backoff_s: float = 0.5,
     ):
-        import ray
+        from rlsys.workers.supervision import RestartBudget, RestartPolicy
 
         if num_workers < 1:
             raise ValueError(f"RewardPool num_workers must be >= 1, got {num_workers}")
@@ -269,10 +285,11 @@ class RewardPool:
         self.procs_per_worker = int(procs_per_worker)
         self.call_margin_s = float(call_margin_s)
         self.restart_allowance_s = float(restart_allowance_s)
+        self.startup_timeout_s = float(startup_timeout_s)
         self.allowed_functions = tuple(allowed_functions)
         self._validated: set[str] = set()
-        options = {"num_cpus": num_cpus, **dict(actor_options or {})}
-        grader_kwargs = dict(
+        self._options = {"num_cpus": num_cpus, **dict(actor_options or {})}
+        self._grader_kwargs = dict(
             num_procs=procs_per_worker,
             timeout_s=timeout_s,
             success_threshold=success_threshold,
@@ -283,11 +300,18 @@ class RewardPool:
             # Actors do not share the driver's working directory: pin relative file specs to it.
             base_dir=os.path.abspath(base_dir or os.getcwd()),
         )
+        self._budget = RestartBudget(
+            "reward", num_workers, RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff_s),
+            "reward.max_restarts", label=lambda index, what: f"reward phase: RewardWorker {index} died while {what}",
+        )
+        # Counters of dead actors (as last reported) and each live actor's last report.
+        self._retired_counts = dict.fromkeys(COUNTER_KEYS, 0)
+        self._last_counts: list[dict[str, int]] = [{} for _ in range(num_workers)]
         worker_cls = _remote_worker_class()
-        self._actors = [worker_cls.options(**options).remote(**grader_kwargs) for _ in range(num_workers)]
+        self._actors = [worker_cls.options(**self._options).remote(**self._grader_kwargs) for _ in range(num_workers)]
         try:
             for index, ref in enumerate([a.ready.remote() for a in self._actors]):
-                self._get(ref, index, startup_timeout_s + self.call_margin_s, "starting")
+                self._get(ref, index, self.startup_timeout_s + self.call_margin_s, "starting")
         except BaseException:
             self.shutdown()
             raise
@@ -296,23 +320,134 @@ class RewardPool:
     def num_workers(self) -> int:
         return len(self._actors)
 
+    @property
+    def max_restarts(self) -> int:
+        return self._budget.policy.max_restarts
+
+    @property
+    def restarts(self) -> int:
+        """Actor replacements over the pool's life (cumulative, all actors)."""
+        return self._budget.total
+
+    @property
+    def restarts_by_worker(self) -> list[int]:
+        return list(self._budget.by_worker)
+
     def _get(self, ref: Any, index: int, timeout_s: float, what: str) -> Any:
         """``ray.get`` one actor's reply, turning Ray errors into ones that name phase and actor."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
             return ray.get(ref, timeout=max(0.0, timeout_s))
-        except GetTimeoutError:
+        except Exception as exc:  # noqa: BLE001 - converted below
+            self._raise_for(exc, index, timeout_s, what)
+
+    @staticmethod
+    def _raise_for(exc: BaseException, index: int, timeout_s: float, what: str) -> NoReturn:
+        """Re-raise a ``ray.get`` error of actor ``index`` as one naming the phase and the actor."""
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        if isinstance(exc, GetTimeoutError):
             raise RuntimeError(
                 f"reward phase: RewardWorker {index} did not finish {what} within {timeout_s:.0f}s"
             ) from None
-        except RayActorError as exc:
-            raise RuntimeError(f"reward phase: RewardWorker {index} died while {what}: {exc}") from exc
-        except RayTaskError as exc:
+        if isinstance(exc, RayTaskError):
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
             kind = ValueError if isinstance(cause, ValueError) else RuntimeError
             raise kind(f"reward phase: RewardWorker {index} failed while {what}: {cause}") from exc
+        if isinstance(exc, RayActorError):
+            raise RuntimeError(f"reward phase: RewardWorker {index} died while {what}: {exc}") from exc
+        raise exc
+
+    # ---- supervision ------------------------------------------------------------------------------
+
+    def _retire(self, index: int) -> None:
+        """Kill actor ``index`` for good and keep the counts it last reported.
+
+        Its verifier children notice their parent is gone and exit within about a second.
+        """
+        import ray
+
+        for key, value in self._last_counts[index].items():
+            self._retired_counts[key] = self._retired_counts.get(key, 0) + value
+        self._last_counts[index] = {}
+        try:
+            ray.kill(self._actors[index], no_restart=True)
+        except Exception:  # noqa: BLE001 - usually already dead
+            pass
+
+    def _start(self, index: int) -> None:
+        """A fresh actor in slot ``index``: up, with every verifier spec validated so far imported."""
+        actor = _remote_worker_class().options(**self._options).remote(**self._grader_kwargs)
+        self._actors[index] = actor  # so that _retire reaches it if anything below fails
+        self._get(actor.ready.remote(), index, self.startup_timeout_s + self.call_margin_s, "starting")
+        if self._validated:
+            self._get(actor.validate_specs.remote(sorted(self._validated)), index, self.call_margin_s * 2,
+                      "validating verifier specs")
+
+    def _replace(self, index: int, what: str, exc: BaseException) -> None:
+        """Replace dead actor ``index`` (bounded by the restart budget; RuntimeError when spent)."""
+        from rlsys.workers.supervision import short_error
+
+        doing = what
+        while True:
+            attempt = self._budget.charge(index, doing, exc)
+            t0 = time.monotonic()
+            log.warning("reward phase: RewardWorker %d died while %s (%s); restart %d/%d", index, doing,
+                        short_error(exc, 200), attempt, self.max_restarts)
+            self._retire(index)
+            self._budget.wait_before(attempt)
+            try:
+                self._start(index)
+            except Exception as err:  # noqa: BLE001 - a replacement that cannot start is another failure
+                exc, doing = err, f"{what} (restarting it)"
+                continue
+            log.warning("reward phase: RewardWorker %d restarted in %.1f s", index, time.monotonic() - t0)
+            return
+
+    def _run(self, calls: dict[int, tuple[Any, float, str]]) -> dict[int, Any]:
+        """Run ``calls[index] = (issue, bound_s, what)``: ``issue(actor)`` returns an ObjectRef.
+
+        Waits for every call; a call whose actor died is re-issued on the replacement with a fresh
+        bound; anything else (overrun, an error raised by the call) raises naming the actor.
+        """
+        import ray
+
+        from rlsys.workers.supervision import is_actor_death
+
+        pending: dict[Any, int] = {}
+        deadline: dict[int, float] = {}
+        results: dict[int, Any] = {}
+
+        def issue(index: int) -> None:
+            fn, bound, _ = calls[index]
+            pending[fn(self._actors[index])] = index
+            deadline[index] = time.monotonic() + bound
+
+        for index in calls:
+            issue(index)
+        while pending:
+            wait_s = max(0.0, min(deadline[i] for i in pending.values()) - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if not ready:
+                for index in sorted(pending.values()):
+                    if deadline[index] <= time.monotonic():
+                        _, bound, what = calls[index]
+                        raise RuntimeError(
+                            f"reward phase: RewardWorker {index} did not finish {what} within {bound:.0f}s")
+                continue
+            index = pending.pop(ready[0])
+            _, bound, what = calls[index]
+            try:
+                results[index] = ray.get(ready[0])
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not is_actor_death(exc):
+                    self._raise_for(exc, index, bound, what)
+                self._replace(index, what, exc)
+                issue(index)
+        return results
+
+    # ---- calls ------------------------------------------------------------------------------------
 
     def validate_specs(self, specs: Iterable[str]) -> None:
         """Check the allow-list here, then import every new spec in every actor (ValueError if bad)."""
@@ -321,9 +456,8 @@ class RewardPool:
             return
         for spec in new:
             check_spec_allowed(spec, self.allowed_functions)
-        refs = [a.validate_specs.remote(new) for a in self._actors]
-        for index, ref in enumerate(refs):
-            self._get(ref, index, self.call_margin_s * 2, "validating verifier specs")
+        self._run({index: (lambda a: a.validate_specs.remote(new), self.call_margin_s * 2, "validating verifier specs")
+                   for index in range(len(self._actors))})
         self._validated.update(new)
 
     def grade(self, requests: Sequence[GradeRequest]) -> list[Grade]:
@@ -337,18 +471,19 @@ class RewardPool:
             dups = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
             raise ValueError(f"reward phase: duplicate (prompt_id, sample_index) in the batch: {dups[:5]}")
         self.validate_specs(r.verifier for r in requests)
-        start = time.monotonic()
-        calls = []
+        calls: dict[int, tuple[Any, float, str]] = {}
+        sizes: dict[int, int] = {}
         for index, (lo, hi) in enumerate(_split(len(requests), len(self._actors))):
             chunk = list(requests[lo:hi])
             waves = math.ceil(len(chunk) / max(1, self.procs_per_worker))
             bound = waves * (self.timeout_s + self.restart_allowance_s) + self.call_margin_s
-            calls.append((index, len(chunk), bound, self._actors[index].grade.remote(chunk)))
+            calls[index] = ((lambda a, chunk=chunk: a.grade.remote(chunk)), bound, f"grading {len(chunk)} completions")
+            sizes[index] = len(chunk)
         out: list[Grade | None] = [None] * len(requests)
-        for index, size, bound, ref in calls:
-            grades = self._get(ref, index, start + bound - time.monotonic(), f"grading {size} completions")
-            if len(grades) != size:
-                raise RuntimeError(f"reward phase: RewardWorker {index} returned {len(grades)} grades for {size} requests")
+        for index, grades in sorted(self._run(calls).items()):
+            if len(grades) != sizes[index]:
+                raise RuntimeError(
+                    f"reward phase: RewardWorker {index} returned {len(grades)} grades for {sizes[index]} requests")
             for grade in grades:
                 row = position.get((grade.prompt_id, grade.sample_index))
                 if row is None or out[row] is not None:
@@ -363,11 +498,14 @@ class RewardPool:
         return out  # type: ignore[return-value]
 
     def counters(self) -> dict[str, int]:
-        """Counters summed over the actors (same keys as RewardGrader.counters)."""
-        totals = dict.fromkeys(COUNTER_KEYS, 0)
-        refs = [a.counters.remote() for a in self._actors]
-        for index, ref in enumerate(refs):
-            for key, value in self._get(ref, index, self.call_margin_s, "reporting counters").items():
+        """Counters summed over the actors (same keys as RewardGrader.counters), cumulative over the
+        pool's life: a replaced actor's counts (as it last reported them here) are kept."""
+        reports = self._run({index: (lambda a: a.counters.remote(), self.call_margin_s, "reporting counters")
+                             for index in range(len(self._actors))})
+        totals = dict(self._retired_counts)
+        for index, report in sorted(reports.items()):
+            self._last_counts[index] = dict(report)
+            for key, value in report.items():
                 totals[key] = totals.get(key, 0) + value
         return totals
 

@@ -2,7 +2,9 @@
 
 ``RolloutEngine`` is a plain class (testable without Ray); ``RolloutWorker`` is its thin Ray actor;
 ``RolloutPool`` is the driver-side handle that spreads prompts over the workers and joins the
-results back by prompt id.
+results back by prompt id. The pool survives worker deaths: a dead worker is replaced, brought to
+the latest pushed weights, and its in-flight prompts are re-issued with the same seeds (see
+:class:`RolloutPool`).
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
 from rlsys.records import Completion, RolloutGroup, RolloutRequest
+from rlsys.workers.supervision import (RestartBudget, RestartPolicy, is_actor_death, remove_files, same_node,
+                                       short_error)
 
 log = logging.getLogger("rlsys.rollout")
 
@@ -43,6 +48,7 @@ class GenerationStats:
     num_tokens: int
     seconds: float
     worker_id: int
+    restarts: int = 0  # times the pool replaced this worker while serving this call (pool-side)
 
 
 class RolloutEngine:
@@ -173,6 +179,14 @@ def _iter_bucket_refs(refs: list) -> Iterator[tuple[str, Any]]:
         del bucket
 
 
+_SHM_PREFIX = "/dev/shm/psm_"  # multiprocessing.shared_memory segments (vLLM's shm message queues)
+
+
+def _distributed_init_method(worker: Any) -> str:
+    """Runs inside vLLM's worker (via collective_rpc): the rendezvous URI the engine started with."""
+    return str(getattr(worker, "distributed_init_method", "") or "")
+
+
 class RolloutWorkerActor:
     """Ray actor shell around RolloutEngine (heavy imports happen in the engine's constructor)."""
 
@@ -184,6 +198,40 @@ class RolloutWorkerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def scratch_files(self) -> dict:
+        """Where this process runs and the files it leaves behind if it is killed without shutdown.
+
+        ``{"node_id": ..., "pid": ..., "paths": [...]}``: vLLM's file-store rendezvous
+        (``vllm_dist_*`` in the temp dir) and the Python shared-memory segments
+        (``/dev/shm/psm_*``, vLLM's message queues) the process has mapped or open. Other
+        ``/dev/shm`` files (Ray's object store) are not vLLM's and never listed. The engine's
+        ``shutdown`` removes these; after a SIGKILL the pool removes them instead.
+        """
+        import ray
+
+        paths: set[str] = set()
+        llm = self.engine.llm
+        if llm is not None:
+            for uri in llm.collective_rpc(_distributed_init_method):
+                if uri.startswith("file://"):
+                    paths.add(uri[len("file://"):])
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].startswith(_SHM_PREFIX) and not parts[5].endswith("(deleted)\n"):
+                        paths.add(parts[5].strip())
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(_SHM_PREFIX) and not target.endswith("(deleted)"):
+                    paths.add(target)
+        except OSError:
+            pass  # no /proc (not Linux): only the rendezvous file is known
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "paths": sorted(paths)}
 
     def generate(self, requests: list[RolloutRequest], group_size: int, seeds: list[int]):
         return self.engine.generate(requests, group_size, seeds)
@@ -204,93 +252,267 @@ class RolloutWorkerActor:
 
 
 class RolloutPool:
-    """Driver-side handle over ``num_workers`` rollout actors."""
+    """Driver-side handle over ``num_workers`` rollout actors that survives worker deaths.
+
+    Contract:
+
+    * ``generate`` returns exactly one group per requested prompt, in request order, or raises;
+      a missing, unexpected or duplicated group is an error, never a silent loss.
+    * A worker whose actor dies (SIGKILL, OOM, crash; see
+      :func:`rlsys.workers.supervision.is_actor_death`) during ``generate``, ``load_weight_buckets``
+      or ``sequence_logprobs`` is killed for good, replaced by a fresh actor with the same worker
+      id, brought to the latest weights pushed through ``load_weight_buckets`` (a fresh engine
+      starts from ``spec.model_path``), and only that worker's calls are re-issued, with the same
+      per-prompt seeds: re-issued groups come from the same (weights, prompt, seed).
+    * Replacements are bounded: more than ``max_restarts`` per worker over the pool's life raises
+      RuntimeError naming the worker, the phase and the last error. A replacement that fails to
+      start counts as another failure of that worker. Errors raised *by* a call (bad input, a bug)
+      and calls overrunning ``timeout_s`` are not retried.
+    * To re-push weights the pool keeps the latest weight-bucket refs (one copy of the model in
+      Ray's object store between syncs) until the next ``load_weight_buckets`` replaces them.
+
+    ``restarts`` counts replacements over the pool's life; ``GenerationStats.restarts`` the ones
+    during one generate call.
+    """
 
     def __init__(self, spec: RolloutSpec, num_workers: int, num_cpus: float, num_gpus: float = 0.0,
-                 timeout_s: float = 600.0, ready_timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, ready_timeout_s: float = 600.0, max_restarts: int = 3,
+                 restart_backoff_s: float = 0.5):
         import ray
 
         from rlsys.cluster import actor_options
 
+        if num_workers < 1:
+            raise ValueError(f"RolloutPool needs num_workers >= 1, got {num_workers}")
         self.spec = spec
-        self.timeout_s = timeout_s
-        remote_cls = ray.remote(RolloutWorkerActor)
-        self.workers = [
-            remote_cls.options(**actor_options(num_cpus, num_gpus)).remote(spec, i) for i in range(num_workers)
-        ]
-        for i, w in enumerate(self.workers):
-            try:
-                ray.get(w.ready.remote(), timeout=ready_timeout_s)
-            except Exception as e:  # noqa: BLE001 - re-raised with the actor named
-                raise RuntimeError(f"rollout worker {i} failed to start its vLLM engine from "
-                                   f"{spec.model_path}: {e}") from e
+        self.timeout_s = float(timeout_s)
+        self.ready_timeout_s = float(ready_timeout_s)
+        self._remote_cls = ray.remote(RolloutWorkerActor)
+        self._actor_options = actor_options(num_cpus, num_gpus)
+        self._budget = RestartBudget("rollout", num_workers,
+                                     RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff_s),
+                                     "rollout.max_restarts")
+        self._weights: Optional[tuple[list, int]] = None  # latest (bucket refs, version) pushed
+        self._scratch: list[dict] = [{} for _ in range(num_workers)]
+        self.workers = [self._remote_cls.options(**self._actor_options).remote(spec, i) for i in range(num_workers)]
+        try:
+            ready = [w.ready.remote() for w in self.workers]
+            deadline = time.monotonic() + self.ready_timeout_s
+            for i, ref in enumerate(ready):
+                try:
+                    ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                    self._scratch[i] = ray.get(self.workers[i].scratch_files.remote(), timeout=60)
+                except Exception as e:  # noqa: BLE001 - re-raised with the actor named
+                    raise RuntimeError(f"rollout worker {i} failed to start its vLLM engine from "
+                                       f"{spec.model_path}: {short_error(e)}") from e
+        except BaseException:
+            # Kill rather than shut down: a graceful shutdown would queue behind engines still starting.
+            for i in range(num_workers):
+                self._retire(i)
+            self.workers = []
+            raise
 
     @property
     def num_workers(self) -> int:
         return len(self.workers)
+
+    @property
+    def max_restarts(self) -> int:
+        return self._budget.policy.max_restarts
+
+    @property
+    def restarts(self) -> int:
+        """Worker replacements over the pool's life (cumulative, all workers)."""
+        return self._budget.total
+
+    @property
+    def restarts_by_worker(self) -> list[int]:
+        return list(self._budget.by_worker)
+
+    @property
+    def weight_version(self) -> int:
+        """Version of the latest weights pushed through ``load_weight_buckets`` (0: the initial ones)."""
+        return self._weights[1] if self._weights is not None else 0
+
+    # ---- supervision ------------------------------------------------------------------------------
+
+    def _retire(self, i: int) -> None:
+        """Kill worker i's actor for good and remove the files a killed engine leaves behind."""
+        import ray
+
+        try:
+            ray.kill(self.workers[i], no_restart=True)
+        except Exception as e:  # noqa: BLE001 - usually already dead; nothing else to do
+            log.debug("rollout worker %d: ray.kill: %s", i, e)
+        scratch, self._scratch[i] = self._scratch[i], {}
+        if scratch.get("paths") and same_node(scratch.get("node_id")):
+            # The process may take a moment to go after ray.kill; its files are unique to it
+            # (random names), so removing them now cannot hurt another engine.
+            removed = remove_files(scratch["paths"])
+            if removed:
+                log.info("rollout worker %d: removed %d file(s) left by the dead engine: %s", i, len(removed),
+                         ", ".join(removed))
+
+    def _start(self, i: int) -> Optional[int]:
+        """A fresh actor for worker i: engine up, scratch files recorded, latest weights loaded.
+
+        Returns the number of tensors loaded (None when no weights were pushed yet: the engine's
+        initial ``spec.model_path`` weights are version 0).
+        """
+        import ray
+
+        w = self._remote_cls.options(**self._actor_options).remote(self.spec, i)
+        self.workers[i] = w  # so that _retire reaches it if anything below fails
+        ray.get(w.ready.remote(), timeout=self.ready_timeout_s)
+        self._scratch[i] = ray.get(w.scratch_files.remote(), timeout=60)
+        if self._weights is None:
+            return None
+        refs, version = self._weights
+        return ray.get(w.load_weight_buckets.remote(refs, version), timeout=self.timeout_s)
+
+    def _replace(self, i: int, phase: str, exc: BaseException) -> Optional[int]:
+        """Replace dead worker i (bounded by the restart budget; raises RuntimeError when spent).
+
+        Returns what ``_start`` returned for the replacement that came up.
+        """
+        where = phase
+        while True:
+            attempt = self._budget.charge(i, where, exc)
+            t0 = time.perf_counter()
+            log.warning("phase %s: rollout worker %d died (%s); restart %d/%d", where, i, short_error(exc, 200),
+                        attempt, self.max_restarts)
+            self._retire(i)
+            self._budget.wait_before(attempt)
+            try:
+                loaded = self._start(i)
+            except Exception as e:  # noqa: BLE001 - a replacement that cannot start is another failure
+                exc, where = e, f"{phase}, restarting"
+                continue
+            log.warning("phase %s: rollout worker %d restarted in %.1f s at weight version %d", phase, i,
+                        time.perf_counter() - t0, self.weight_version)
+            return loaded
+
+    def _run(self, calls: dict[int, Callable[[Any], Any]], phase: str,
+             redo: bool = True) -> tuple[dict[int, Any], dict[int, int]]:
+        """Issue ``calls[i](worker_i)`` (each returns an ObjectRef) and wait for all of them.
+
+        Returns (result per worker, replacements per worker during this call). A call whose actor
+        died is re-issued on the replacement; with ``redo=False`` it is not, and its result is what
+        bringing the replacement up returned (the weight push: the replacement has just done it).
+        A call overrunning ``timeout_s`` raises TimeoutError and an error raised by the call itself
+        RuntimeError, both naming the worker; neither is retried.
+        """
+        import ray
+
+        pending: dict[Any, int] = {}
+        deadline: dict[int, float] = {}
+        restarts = {i: 0 for i in calls}
+        results: dict[int, Any] = {}
+
+        def issue(i: int) -> None:
+            pending[calls[i](self.workers[i])] = i
+            deadline[i] = time.monotonic() + self.timeout_s
+
+        for i in calls:
+            issue(i)
+        while pending:
+            wait_s = max(0.0, min(deadline[i] for i in pending.values()) - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if not ready:
+                late = sorted(i for i in pending.values() if deadline[i] <= time.monotonic())
+                if late:
+                    raise TimeoutError(f"phase {phase}: rollout worker(s) {late} did not answer within "
+                                       f"rollout.timeout_s={self.timeout_s:g} s")
+                continue
+            ref = ready[0]
+            i = pending.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - classified below
+                if not is_actor_death(e):
+                    raise RuntimeError(f"phase {phase}: rollout worker {i} failed: {short_error(e, 2000)}") from e
+                loaded = self._replace(i, phase, e)
+                restarts[i] += 1
+                if redo:
+                    issue(i)
+                else:
+                    results[i] = loaded
+        return results, restarts
+
+    # ---- calls ------------------------------------------------------------------------------------
 
     def generate(self, requests: list[RolloutRequest], group_size: int, seeds: dict[str, int]) -> tuple[
             list[RolloutGroup], list[GenerationStats]]:
         """Spread requests over the workers; return one group per request, in request order.
 
         Results are joined by prompt id; a missing or duplicated group is an error, never a silent
-        loss. ``seeds`` maps prompt id -> sampler seed.
+        loss. ``seeds`` maps prompt id -> sampler seed; a shard whose worker dies is re-issued to the
+        replacement with the same seeds. Stats: one per busy worker, in worker order.
         """
-        import ray
+        ids = [r.prompt_id for r in requests]
+        if len(set(ids)) != len(ids):
+            dups = sorted(p for p, n in Counter(ids).items() if n > 1)
+            raise ValueError(f"phase rollout: duplicate prompt ids in one generate call: {dups[:5]}")
+        unseeded = [p for p in ids if p not in seeds]
+        if unseeded:
+            raise ValueError(f"phase rollout: no seed for prompts {unseeded[:5]}")
+        shards: dict[int, list[RolloutRequest]] = {}
+        for k, r in enumerate(requests):
+            shards.setdefault(k % len(self.workers), []).append(r)
 
-        shards: list[list[RolloutRequest]] = [[] for _ in self.workers]
-        for i, r in enumerate(requests):
-            shards[i % len(self.workers)].append(r)
-        pending = {}
-        for i, (w, shard) in enumerate(zip(self.workers, shards)):
-            if shard:
-                pending[i] = w.generate.remote(shard, group_size, [seeds[r.prompt_id] for r in shard])
+        def call(shard: list[RolloutRequest]) -> Callable[[Any], Any]:
+            shard_seeds = [seeds[r.prompt_id] for r in shard]
+            return lambda w: w.generate.remote(shard, group_size, shard_seeds)
+
+        results, restarts = self._run({i: call(shard) for i, shard in shards.items()}, "rollout")
         by_id: dict[str, RolloutGroup] = {}
         stats = []
-        for i, ref in pending.items():
-            try:
-                groups, st = ray.get(ref, timeout=self.timeout_s)
-            except ray.exceptions.GetTimeoutError as e:
-                raise TimeoutError(f"phase rollout: worker {i} did not return {len(shards[i])} groups within "
-                                   f"rollout.timeout_s={self.timeout_s:g} s") from e
-            except ray.exceptions.RayError as e:
-                raise RuntimeError(f"phase rollout: worker {i} failed: {e}") from e
-            stats.append(st)
+        for i in sorted(results):
+            groups, st = results[i]
+            expected = {r.prompt_id for r in shards[i]}
             for g in groups:
+                if g.prompt_id not in expected:
+                    raise RuntimeError(f"phase rollout: worker {i} returned a group for prompt {g.prompt_id!r}, "
+                                       f"which it was not asked for")
                 if g.prompt_id in by_id:
                     raise RuntimeError(f"phase rollout: prompt {g.prompt_id} came back twice")
                 by_id[g.prompt_id] = g
-        missing = [r.prompt_id for r in requests if r.prompt_id not in by_id]
+            stats.append(replace(st, restarts=restarts[i]))
+        missing = [p for p in ids if p not in by_id]
         if missing:
             raise RuntimeError(f"phase rollout: no group came back for prompts {missing[:5]}")
-        return [by_id[r.prompt_id] for r in requests], stats
+        return [by_id[p] for p in ids], stats
 
     def load_weight_buckets(self, bucket_refs: list, version: int) -> list[int]:
-        import ray
+        """Load the learner's weight buckets into every worker and set their weight version.
 
-        refs = [w.load_weight_buckets.remote(bucket_refs, version) for w in self.workers]
-        out = []
-        for i, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref, timeout=self.timeout_s))
-            except Exception as e:  # noqa: BLE001 - re-raised with the actor named
-                raise RuntimeError(f"phase sync: rollout worker {i} failed to load weights v{version}: {e}") from e
-        return out
+        The pool keeps ``bucket_refs`` (the list and the objects it references stay alive until
+        the next call) so that a worker replaced later is brought to these weights; callers may
+        drop their own references. Returns the number of tensors each worker loaded.
+        """
+        refs, version = list(bucket_refs), int(version)
+        # Recorded first: a worker replaced during this very push must come up with these weights.
+        self._weights = (refs, version)
+        calls = {i: (lambda w: w.load_weight_buckets.remote(refs, version)) for i in range(len(self.workers))}
+        results, _ = self._run(calls, f"sync (loading weights v{version})", redo=False)
+        return [results[i] for i in range(len(self.workers))]
 
     def sequence_logprobs(self, token_ids: list[int], worker: Optional[int] = None) -> list[np.ndarray]:
         """Probe logprobs from every worker (or one): one [L - 1] array per worker."""
-        import ray
-
-        targets = self.workers if worker is None else [self.workers[worker]]
-        return ray.get([w.sequence_logprobs.remote(token_ids) for w in targets], timeout=self.timeout_s)
+        targets = range(len(self.workers)) if worker is None else [worker]
+        results, _ = self._run({i: (lambda w: w.sequence_logprobs.remote(token_ids)) for i in targets},
+                               "sync check")
+        return [results[i] for i in targets]
 
     def shutdown(self) -> None:
+        """Shut every engine down, kill the actors, remove files a killed engine left (idempotent)."""
         import ray
 
-        for w in self.workers:
+        for i, w in enumerate(self.workers):
             try:
                 ray.get(w.shutdown.remote(), timeout=60)
             except Exception as e:  # noqa: BLE001 - best effort at teardown, logged
-                log.warning("rollout worker shutdown failed: %s", e)
-            ray.kill(w)
+                log.warning("rollout worker %d shutdown failed: %s", i, short_error(e, 200))
+            self._retire(i)
         self.workers = []
+        self._weights = None

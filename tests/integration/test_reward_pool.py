@@ -87,7 +87,7 @@ def test_reward_pool_names_a_dead_actor(ray_cluster: None) -> None:
 
     from rlsys.rewards import RewardPool
 
-    pool = RewardPool(num_workers=2, timeout_s=TIMEOUT_S, num_cpus=0.5)
+    pool = RewardPool(num_workers=2, timeout_s=TIMEOUT_S, num_cpus=0.5, max_restarts=0)
     try:
         ray.kill(pool._actors[1])
         requests = [GradeRequest("p", i, r"\boxed{1}", "1", "math") for i in range(4)]

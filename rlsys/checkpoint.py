@@ -1,0 +1,156 @@
+"""Run checkpoints on disk: atomic step directories, the driver's state, finding the newest one.
+
+Layout of ``<run.output_dir>/checkpoints/step_XXXXXX/``::
+
+    model.safetensors, config.json, tokenizer files   Hugging Face checkpoint (transformers, vLLM)
+    learner_state/                                    optimizer + master weights + RNG, per rank
+                                                      (safetensors + JSON; see LearnerGroup.save_state)
+    driver_state.json                                 step, data cursor, weight version, W&B run id
+
+A step directory is built under a hidden temporary name and renamed into place only when every
+part is written, so a directory named ``step_*`` is always complete: a run killed while saving
+leaves only a ``.step_*.tmp-*`` directory, which is never picked and is swept on the next save.
+Nothing here unpickles: tensors are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from rlsys.sampler import SamplerState
+
+STATE_FILE = "driver_state.json"
+LEARNER_STATE_DIR = "learner_state"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass(frozen=True)
+class DriverState:
+    """What the driver needs, besides the learners' own state, to continue a run exactly."""
+
+    step: int  # last completed step
+    sampler: SamplerState  # prompt stream position
+    weight_version: int
+    wandb_run_id: Optional[str]
+    skipped_in_a_row: int
+    first_reward: float  # train reward of step 1 (for the end-of-run summary)
+    eval_before: dict[int, float]  # held-out pass@k of the starting policy
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["eval_before"] = {str(k): v for k, v in self.eval_before.items()}
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "DriverState":
+        d = json.loads(text)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"driver state format {d.get('format_version')} is not {FORMAT_VERSION}; this "
+                             "checkpoint was written by another rlsys version")
+        d["sampler"] = SamplerState(**d["sampler"])
+        d["eval_before"] = {int(k): float(v) for k, v in d["eval_before"].items()}
+        return DriverState(**d)
+
+
+def step_dir(out_dir: str | os.PathLike, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def begin(out_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh hidden temporary directory to build step ``step``'s checkpoint in."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".step_{step:06d}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, state: DriverState, keep: int) -> Path:
+    """Write the driver state last, rename ``tmp`` to ``step_XXXXXX`` and keep the newest ``keep``."""
+    with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
+        fh.write(state.to_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    final = tmp.parent / f"step_{state.step:06d}"
+    if final.exists():  # re-saving a step after a resume: replace the older copy
+        trash = tmp.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(tmp.parent)
+    rotate(tmp.parent, keep)
+    return final
+
+
+def rotate(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and leftover temporary directories."""
+    for stale in root.glob(".step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in complete_checkpoints(root.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete step directories (renamed into place, with a driver state), oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest(out_dir: str | os.PathLike) -> Optional[Path]:
+    ckpts = complete_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_driver_state(ckpt: Path) -> DriverState:
+    return DriverState.from_json((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> int:
+    """Drop metrics rows of steps after ``last_step`` (written by the run that died after its last
+    checkpoint), so a resumed run's rows line up with a straight run's. Returns rows dropped."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            dropped += 1
+            continue
+        if row.get("step", 0) > last_step:
+            dropped += 1
+        else:
+            keep.append(line)
+    tmp = p.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, p)
+    return dropped
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
