@@ -227,6 +227,23 @@ def _check_positive(cfg: Any, prefix: str, names: tuple[str, ...], allow_zero: b
             _fail(f"{prefix}.{name}", v, "must be > 0" if not allow_zero else "must be >= 0")
 
 
+def _check_causal_lm(path: str) -> None:
+    """The checkpoint must be a causal LM with weights: vLLM and the learner both need one."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            hf = json.load(fh)
+    except (OSError, ValueError) as e:
+        _fail("model.path", path, f"config.json is unreadable ({e})")
+    archs = hf.get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        _fail("model.path", path, f"config.json declares architectures {archs}, not a *ForCausalLM model; "
+              "rlsys trains decoder-only causal LMs (e.g. Qwen2ForCausalLM, LlamaForCausalLM)")
+    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+        _fail("model.path", path, "holds no weight files (*.safetensors); is the checkpoint complete?")
+
+
 def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
     """Check values and combinations; raise ConfigError naming the key and the fix.
 
@@ -279,6 +296,7 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
                   "(config.json + weights + tokenizer), or leave it unset for the built-in tiny model")
         if not os.path.isfile(os.path.join(m.path, "config.json")):
             _fail("model.path", m.path, "has no config.json: not a Hugging Face model directory")
+        _check_causal_lm(m.path)
     elif m.tiny_size not in ("tiny", "100m"):
         _fail("model.tiny_size", m.tiny_size, "choose tiny or 100m")
 

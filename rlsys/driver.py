@@ -394,8 +394,9 @@ def load_prompt_rows(cfg: RLConfig) -> list[PromptRow]:
 def encode_prompt(tokenizer, row: PromptRow) -> list[int]:
     """Chat-template the row's messages (with the assistant generation prompt) and tokenize once."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the model's tokenizer has no chat_template; rlsys formats prompts as chats. "
-                         "Use an instruct/chat checkpoint or add a chat_template to tokenizer_config.json")
+        raise ConfigError(f"invalid config model.path={tokenizer.name_or_path!r}: its tokenizer has no "
+                          "chat_template, and rlsys formats prompts as chats; use an instruct/chat checkpoint or "
+                          "add a chat_template (tokenizer_config.json or chat_template.jinja)")
     text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in row.messages],
                                          tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)

@@ -66,3 +66,14 @@ def test_impossible_combinations():
     with pytest.raises(ConfigError, match=r"learner\.num_workers"):
         validate(make("learner.num_workers=8"), available_cpus=4)
     validate(make("learner.num_workers=2"), available_cpus=4)
+
+
+def test_model_path_must_be_a_causal_lm_with_weights(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["BertForMaskedLM"]}')
+    with pytest.raises(ConfigError, match=r"model\.path.*ForCausalLM"):
+        validate(make(f"model.path={tmp_path}"))
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(ConfigError, match=r"model\.path.*no weight files"):
+        validate(make(f"model.path={tmp_path}"))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    validate(make(f"model.path={tmp_path}"))
