@@ -77,8 +77,8 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
     from rlsys.workers.rollout import RolloutPool
 
     a, t = cfg.algo, cfg.trainer
-    model_path = resolve_model_path(cfg)
     resume = find_resume_point(cfg, out_dir)
+    model_path = policy_model_path(cfg)
     state = ckpt.load_driver_state(resume) if resume else None
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rows = load_prompt_rows(cfg)
@@ -366,7 +366,19 @@ def find_resume_point(cfg: RLConfig, out_dir: Path) -> Optional[Path]:
 # ================================ set-up helpers ======================================================
 
 
+def policy_model_path(cfg: RLConfig) -> str:
+    """The policy RL starts from: ``model.path`` if set; else, for a built-in task with
+    ``sft.enabled``, the SFT warm start of the built-in tiny model (trained once, then cached);
+    else the randomly initialised tiny model."""
+    if cfg.model.path is None and cfg.sft.enabled and cfg.data.task is not None:
+        from rlsys.sft import warm_start
+
+        return warm_start(cfg)
+    return resolve_model_path(cfg)
+
+
 def resolve_model_path(cfg: RLConfig) -> str:
+    """The base checkpoint: ``model.path``, or the built-in tiny model (built on first use)."""
     if cfg.model.path:
         return cfg.model.path
     from rlsys.models import ensure_tiny_model
