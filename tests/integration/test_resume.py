@@ -89,3 +89,41 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
     res = subprocess.run(_cmd(tmp_path, out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert "run.resume=auto" in res.stderr
+
+
+def _learner_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any("_LearnerActor" in part for part in (p.info["cmdline"] or [])):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def test_a_dead_learner_stops_the_run_naming_the_checkpoint_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(tmp_path, out, "trainer.save_every=1"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 900
+    while not (out / "checkpoints" / "step_000002").exists():
+        assert proc.poll() is None, "the run ended before its step-2 checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    before = set(_learner_pids())
+    assert before, "no learner actor process found"
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    stdout, _ = proc.communicate(timeout=600)
+    # The kill lands within 0.2 s of the step-2 checkpoint appearing, with two steps still to run.
+    assert proc.returncode != 0, "the run survived the death of its learner"
+    assert "learner rank 0" in stdout and "Last good checkpoint" in stdout, stdout[-4000:]
+    assert "run.resume=auto" in stdout
+
+    res = subprocess.run(_cmd(tmp_path, out, "trainer.save_every=1", "run.resume=auto"), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert sorted(_rows(out)) == [1, 2, 3, 4]
