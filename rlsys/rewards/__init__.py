@@ -3,11 +3,13 @@
 Importing this package never imports Ray or math-verify; both load where they are used.
 """
 
+from rlsys.rewards.code_exec import run_code
 from rlsys.rewards.pool import COUNTER_KEYS, RewardGrader, RewardPool, RewardWorkerImpl
 from rlsys.rewards.sandbox import ChildConfig, Job, SandboxStartError, VerifierSandbox
 from rlsys.rewards.verifiers import (
     BUILTIN_VERIFIERS,
     NO_ANSWER_DETAIL,
+    GradeFailure,
     check_spec_allowed,
     coerce_result,
     extract_final_answer,
@@ -21,6 +23,7 @@ __all__ = [
     "COUNTER_KEYS",
     "NO_ANSWER_DETAIL",
     "ChildConfig",
+    "GradeFailure",
     "Job",
     "RewardGrader",
     "RewardPool",
@@ -32,5 +35,6 @@ __all__ = [
     "extract_final_answer",
     "normalize_whitespace",
     "resolve_verifier",
+    "run_code",
     "run_verifier",
 ]

@@ -165,6 +165,10 @@ class RewardGrader:
         """Cumulative counts: one per status in GRADE_STATUSES, "no_answer", and "restarts"."""
         return {**self._counts, "restarts": self._sandbox.restarts}
 
+    def isolation(self) -> list[dict[str, Any]]:
+        """Per verifier process: pid, scratch dir, and whether netns / seccomp / a code launcher are on."""
+        return self._sandbox.isolation()
+
     def close(self) -> None:
         """Kill the verifier children (idempotent)."""
         self._sandbox.close()
@@ -201,6 +205,9 @@ class RewardWorkerImpl:
 
     def counters(self) -> dict[str, int]:
         return self._grader.counters()
+
+    def isolation(self) -> list[dict[str, Any]]:
+        return self._grader.isolation()
 
     def close(self) -> None:
         self._grader.close()

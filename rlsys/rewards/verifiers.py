@@ -14,7 +14,9 @@ A verifier spec names how one completion is graded against its reference answer:
 
 Every verifier is reduced to an :data:`Outcome` ``(reward, correct, status, detail)`` by
 :func:`run_verifier`, which never raises: a verifier that raises, or returns something that is not a
-finite reward, yields reward 0.0 with status ``error`` / ``invalid`` and a short detail.
+finite reward, yields reward 0.0 with status ``error`` / ``invalid`` and a short detail. A verifier
+that knows why it cannot grade (the code it ran timed out, say) raises :class:`GradeFailure` with
+the status to record.
 
 This module is imported in the driver (for :func:`extract_final_answer` and spec checks) and in the
 sandbox children (to run verifiers); math-verify is imported lazily so the driver stays light.
@@ -33,7 +35,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from rlsys.records import GRADE_ERROR, GRADE_INVALID, GRADE_OK
+from rlsys.records import GRADE_ERROR, GRADE_INVALID, GRADE_OK, GRADE_STATUSES
 
 BUILTIN_VERIFIERS = ("math", "exact", "regex")
 
@@ -45,6 +47,25 @@ Outcome = tuple[float, bool, str, str]
 NO_ANSWER_DETAIL = "no final answer found"
 
 DEFAULT_MAX_DETAIL_CHARS = 200
+
+# Brace nesting a "math" final answer may have. math-verify's LaTeX parse time grows exponentially
+# with nesting (15 nested \frac take seconds, 20 never finish); real final answers stay far below.
+MAX_MATH_NESTING = 10
+
+
+class GradeFailure(Exception):
+    """Raised by a verifier to grade a completion 0 with a given non-"ok" status and detail.
+
+    For a verifier that ran something that failed in a way worth counting apart from a wrong answer:
+    ``GradeFailure("timeout", "code timed out")``. ``status`` must be "timeout", "error" or "invalid".
+    """
+
+    def __init__(self, status: str, detail: str = ""):
+        if status not in GRADE_STATUSES or status == GRADE_OK:
+            raise ValueError(f"GradeFailure status must be one of timeout/error/invalid, got {status!r}")
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>[^\s{}$]+))")
 # A line "Answer: ...", optionally "Final answer", optionally in markdown bold/italics or a quote/heading.
@@ -165,6 +186,24 @@ def _math_verify() -> Any:
     return _MATH_VERIFY
 
 
+def brace_depth(text: str) -> int:
+    """The deepest ``{`` nesting in ``text`` (escaped ``\\{`` ignored; unbalanced text is fine)."""
+    depth = deepest = 0
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        i += 1
+    return deepest
+
+
 def _parse_math(text: str) -> list[Any]:
     mv = _math_verify()
     config = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
@@ -185,6 +224,9 @@ def verify_math(completion: str, answer: str) -> Outcome:
     predicted = extract_final_answer(completion)
     if predicted is None:
         return 0.0, False, GRADE_OK, NO_ANSWER_DETAIL
+    depth = brace_depth(predicted)
+    if depth > MAX_MATH_NESTING:
+        return 0.0, False, GRADE_INVALID, f"final answer nested {depth} braces deep, over the {MAX_MATH_NESTING} limit"
     parsed = _parse_math(predicted)
     if not parsed:
         return 0.0, False, GRADE_OK, "final answer not parseable"
@@ -383,7 +425,8 @@ def run_verifier(
     """Run one verifier in this process and return its Outcome; never raises (except KeyboardInterrupt).
 
     Built-ins return Outcomes already; user functions' results go through :func:`coerce_result`.
-    An exception (SystemExit included) becomes (0.0, False, "error", "<ExcType>: <message>").
+    :class:`GradeFailure` becomes (0.0, False, its status, its detail); any other exception
+    (SystemExit included) becomes (0.0, False, "error", "<ExcType>: <message>").
     There is no timeout here: run this inside the sandbox, which kills a verifier that hangs.
     """
     try:
@@ -393,6 +436,8 @@ def run_verifier(
             reward, correct, status, detail = coerce_result(fn(completion, answer), success_threshold)
     except KeyboardInterrupt:
         raise
+    except GradeFailure as exc:
+        return 0.0, False, exc.status, truncate(str(exc.detail), max_detail_chars)
     except BaseException as exc:  # noqa: BLE001 - a verifier may raise anything, SystemExit included
         try:
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,7 +1,8 @@
 """Built-in procedurally generated tasks, by name.
 
 ``get_task("countdown")`` (several correct answers per prompt, rare-correct modes) and
-``get_task("sort")`` (exactly one correct answer, the control) return
+``get_task("sort")`` (exactly one correct answer, the control), ``get_task("pyfunc")`` (write a
+Python function; graded by running it against tests in the code sandbox) return
 :class:`~rlsys.tasks.base.Task` objects with ``generate(split, n, seed)``, ``verify``,
 ``canonical_answer``, ``solutions`` and ``reference_solution``. Each row's ``verifier`` is a
 ``"module:function"`` spec (``"rlsys.tasks.countdown:verify"``) so the reward pool can grade
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 from rlsys.tasks.base import SPLITS, Task
 from rlsys.tasks.countdown import CountdownSpec, CountdownTask
+from rlsys.tasks.pyfunc import PyFuncTask
 from rlsys.tasks.sort import SortSpec, SortTask
 
 TASKS: dict[str, Task] = {
     "countdown": CountdownTask(),
     "sort": SortTask(),
+    "pyfunc": PyFuncTask(),  # code execution: model-written Python run against tests in the sandbox
 }
 
 

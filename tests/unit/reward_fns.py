@@ -98,3 +98,119 @@ def forges_reply(completion: str, answer: str) -> bool:
         conn.send_bytes(b'["result", 123456, [1.0, true, "ok", ""]]')
     while True:
         time.sleep(3600)
+
+
+# ---- adversarial functions for the sandbox tests (test_rewards_sandbox.py, the adversarial suite) ----
+
+
+def returns_yes(completion: str, answer: str) -> str:
+    return "yes"
+
+
+def fork_bomb(completion: str, answer: str) -> bool:
+    while True:
+        os.fork()
+
+
+def libc_fork(completion: str, answer: str) -> tuple[float, bool]:
+    """fork() straight through libc, past the Python-level guards: only seccomp stops it.
+
+    Returns (errno, False) when refused; a child, if one were ever created, exits at once.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = libc.fork()
+    if pid == 0:
+        os._exit(0)
+    return float(ctypes.get_errno() if pid < 0 else -pid), False
+
+
+def opens_socket(completion: str, answer: str) -> bool:
+    """Connects to 127.0.0.1:<completion> (a port the test listens on)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", int(completion)), timeout=2):
+        return True
+
+
+def opens_raw_socket(completion: str, answer: str) -> bool:
+    """The same through the C module, past any patched ``socket.socket``."""
+    import _socket
+
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    sock.settimeout(2)
+    sock.connect(("127.0.0.1", int(completion)))
+    return True
+
+
+def libc_socket(completion: str, answer: str) -> tuple[float, bool]:
+    """socket(AF_INET, SOCK_STREAM) through libc: returns (errno, False) when refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.socket(2, 1, 0)
+    if fd >= 0:
+        os.close(fd)
+        return 0.0, True
+    return float(ctypes.get_errno()), False
+
+
+def reads_passwd(completion: str, answer: str) -> bool:
+    with open("/etc/passwd") as f:
+        return "root" in f.read()
+
+
+def reads_passwd_quietly(completion: str, answer: str) -> bool:
+    """Swallows the refusal and claims success: still graded error."""
+    try:
+        with open("/etc/passwd") as f:
+            f.read()
+    except PermissionError:
+        pass
+    return True
+
+
+def writes_big_file(completion: str, answer: str) -> bool:
+    """Writes <completion> MiB into the scratch dir (RLIMIT_FSIZE stops it past the cap)."""
+    with open("big.bin", "wb") as f:
+        f.write(b"\0" * (int(completion) * 1024 * 1024))
+    return True
+
+
+def in_scratch_dir(completion: str, answer: str) -> bool:
+    """True when cwd, HOME and the temp dir are the same fresh per-child scratch directory."""
+    import tempfile
+
+    cwd = os.getcwd()
+    return (
+        os.path.basename(cwd).startswith("rlsys-verifier-")
+        and os.environ.get("HOME") == cwd
+        and tempfile.gettempdir() == cwd
+        and os.listdir(cwd) == []
+    )
+
+
+def cpu_limited(completion: str, answer: str) -> bool:
+    """True when this job runs under a finite RLIMIT_CPU (the backstop)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_CPU)
+    return soft != resource.RLIM_INFINITY
+
+
+def huge_reply(completion: str, answer: str) -> bool:
+    """Writes a 1 MiB message on the sandbox socket (argv[1]) ahead of the real reply."""
+    import sys
+    from multiprocessing.connection import Connection
+
+    Connection(int(sys.argv[1])).send_bytes(b"[" + b" " * (1 << 20) + b"]")
+    while True:
+        time.sleep(3600)
+
+
+def runs_code(completion: str, answer: str) -> bool:
+    """A code-execution verifier: runs the completion as code against ``answer`` as tests."""
+    from rlsys.rewards.code_exec import run_code
+    from rlsys.rewards.verifiers import GradeFailure
+
+    passed, status, detail = run_code(completion, answer, timeout_s=5.0, memory_mb=256)
+    if status != "ok":
+        raise GradeFailure(status, detail)
+    return passed
