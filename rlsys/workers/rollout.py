@@ -77,6 +77,11 @@ class RolloutEngine:
             worker_extension_cls="rlsys.workers.vllm_ext.WeightReloadExtension",
             distributed_executor_backend="uni",
             enable_prefix_caching=False,
+            # No chunked prefill: vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when
+            # a seeded request's prefill is split over scheduler steps, which happens as soon as one
+            # call's prompts exceed the step budget (max_num_batched_tokens, 4096 on CPU): about 80
+            # sequences of a countdown prompt, i.e. any eval at n >= 64 or G * B > ~80 in training.
+            enable_chunked_prefill=False,
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
