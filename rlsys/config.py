@@ -170,11 +170,12 @@ class EvalConfig:
 class SFTConfig:
     """Warm start: supervised fine-tuning on generated reference solutions (rlsys.sft)."""
 
+    # Defaults: tiny model on countdown, ~3-4 min on one CPU core (see rlsys/sft.py for measurements)
     steps: int = 300
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 5e-4
     warmup_steps: int = 20
-    num_examples: int = 4000
+    num_examples: int = 4000  # train-split prompts (countdown has ~8000 unique ones)
     output_dir: Optional[str] = None  # None: a cache dir keyed by the SFT settings (reused)
     enabled: bool = True  # rlsys.train: warm-start the built-in tiny model before RL
     seed: int = 0  # data order, sampled solutions, eval prompts; not trainer.seed, so RL seeds share one warm start
