@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def fake_model(path: Path, record: dict | None = None, weights: bytes = b"w" * 10) -> str:
     """A directory that passes the config checks and identifies itself like a model would."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
     (path / "model.safetensors").write_bytes(weights)
     if record is not None:
         (path / "rlsys_model.json").write_text(json.dumps(record))
