@@ -6,7 +6,8 @@ base model (``model.*``, by default the built-in tiny model) on generated refere
 a higher pass@k. Examples::
 
     python -m rlsys.sft                              # countdown, tiny model, local Ray
-    python -m rlsys.sft sft.steps=600 sft.lr=3e-3    # a different (separately cached) warm start
+    python -m rlsys.sft sft.steps=300                # a different (separately cached) warm start
+    python -m rlsys.sft learner.num_workers=2        # same result and cache key, both cores
     python -m rlsys.sft data.task=sort
 
 What it trains on. Prompts are the task's ``train`` split (``sft.num_examples`` rows, generated with
@@ -27,7 +28,8 @@ and the token-mean aggregation with the global token count as normalizer makes t
 exactly that of the mean per-token NLL of the batch. Checked numerically:
 ``tests/integration/test_sft.py::test_nll_step_has_the_nll_gradient`` compares the learner's
 reported (pre-clip) gradient norm with that of ``mean NLL`` computed by plain PyTorch on the same
-batch (float32; they agree to ~1e-6 relative), and the held-out NLL below falls as expected.
+batch (measured: 8.5e-8 relative in float32, 2e-3 in bfloat16; the ratio is exactly 1 in both), and
+the learner's batch NLL (below) equals the reference NLL.
 
 What it logs. The training NLL per token of every step comes for free: the batch is built with
 rollout log-probs 0, so the learner's ``rollout_logprob_diff`` metric (mean |log p_old - 0|) is the
@@ -49,6 +51,18 @@ Evaluation. After training (``sft.eval_prompts > 0``) the saved model is sampled
 on ``sft.eval_prompts`` prompts of the ``test`` and ``ood`` splits, graded with the task's
 ``verify``; the report holds pass@1 / pass@k and, per prompt, the number of distinct correct
 canonical answers found vs the number that exist (:meth:`rlsys.tasks.base.Task.solutions`).
+
+Measured (Nov 2026; built-in tiny model, 4.2M params; countdown; one learner on one core of a
+shared 2-core VM, bf16, ZeRO-2; 0.66 s/step idle, 0.75-1.4 s/step under other jobs' load; pi_old
+recomputation is ~20% of a step). Defaults (600 steps x 64 rows, lr 5e-4 after 20 warmup steps,
+6000 prompts): held-out test NLL/token 7.03 -> 1.05 (step 50) -> 0.69 (100) -> 0.58 (200) -> 0.50
+(300) -> 0.45 (400) -> 0.39 (600); 451 s of training under load (~400 s idle), ~20 s for the
+evaluation. pass@k at temperature 1, 16 samples x 256 prompts: test pass@1 0.134, pass@16 0.727,
+0.99 distinct correct answers per prompt of 3.35 that exist (21% of prompts show >= 2); ood (5
+numbers) pass@1 0.034, pass@16 0.246, 0.29 of 11.7. At 300 steps (~3.3 min idle): test pass@1 ~0.05-
+0.06, pass@16 ~0.45. lr 1e-3 / 1.5e-3 / 3e-3 learn slower (test NLL at 200 steps 0.62 / 0.64 / 0.73
+vs 0.58), 1e-2 diverges; 32-row batches at twice the steps are worse; an 8-layer model (8.1M) is no
+better per step and 3x slower; float32 learns the same per step and is slower than bfloat16.
 """
 
 from __future__ import annotations
@@ -70,7 +84,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rlsys.config import ConfigError, RLConfig, SFTConfig, validate
+from rlsys.config import ConfigError, RLConfig, validate
 from rlsys.records import PromptRow
 
 log = logging.getLogger("rlsys.sft")
@@ -123,13 +137,13 @@ def sft_settings(cfg: RLConfig, base_model_path: str) -> dict[str, Any]:
     """Everything that decides the trained weights, as a JSON-able dict (the cache key's input).
 
     Included: the format version, the base model (absolute path plus :func:`_model_identity`), the
-    task, the SFT recipe (steps, batch size, lr, warmup, number of examples, seed, max response
-    tokens), and the optimiser settings taken from ``learner.*`` (weight decay, betas, grad clip)
+    task, the SFT recipe (steps, batch size, lr, warmup, number of examples, seed, response cap),
+    and the optimiser settings taken from ``learner.*`` (weight decay, betas, grad clip)
     and the training dtype. Not included, because they change the result by floating-point rounding
     at most (the learner's gradient is exact for any layout) or only describe it: ``sft.output_dir``,
     ``sft.enabled``, the evaluation and logging settings, ``sft.micro_batch_size``,
-    ``learner.num_workers`` / ``zero_stage`` / ``micro_batch_size``, cluster settings, and rollout
-    settings other than ``rollout.max_tokens`` (the default response cap).
+    ``learner.num_workers`` / ``zero_stage`` / ``micro_batch_size``, cluster, rollout and RL settings
+    (so RL runs that differ only in those share one warm start).
     """
     s, lr = cfg.sft, cfg.learner
     return {
@@ -144,7 +158,7 @@ def sft_settings(cfg: RLConfig, base_model_path: str) -> dict[str, Any]:
         "num_examples": s.num_examples,
         "seed": s.seed,
         "dtype": _train_dtype(cfg),
-        "max_response_tokens": _max_response_tokens(cfg),
+        "max_response_tokens": cfg.sft.max_response_tokens,
         "weight_decay": float(lr.weight_decay),
         "betas": [float(lr.beta1), float(lr.beta2)],
         "grad_clip": float(lr.grad_clip),
@@ -175,10 +189,6 @@ def _train_dtype(cfg: RLConfig) -> str:
 def _micro_batch_size(cfg: RLConfig) -> int:
     # Built-in task rows are short (~60 tokens): one micro-batch per rank is fastest and fits easily.
     return cfg.sft.micro_batch_size or -(-cfg.sft.batch_size // cfg.learner.num_workers)
-
-
-def _max_response_tokens(cfg: RLConfig) -> int:
-    return cfg.sft.max_response_tokens or cfg.rollout.max_tokens
 
 
 def validate_sft(cfg: RLConfig) -> None:
@@ -242,7 +252,7 @@ class SFTBatches:
     """
 
     def __init__(self, task, rows: list[PromptRow], prompt_ids: list[list[int]], tokenizer, eos_id: int,
-                 batch_size: int, seed: int, max_response_tokens: int) -> None:
+                 batch_size: int, seed: int, max_response_tokens: Optional[int] = None) -> None:
         if not rows:
             raise ValueError("SFT needs at least one training row")
         if batch_size < 1:
@@ -255,6 +265,7 @@ class SFTBatches:
         self._pos = 0
         self._rng = random.Random(0)
         self.num_truncated = 0
+        self.longest_response = 0
 
     def _next_epoch(self) -> None:
         self.epoch += 1
@@ -264,14 +275,13 @@ class SFTBatches:
         self._pos = 0
 
     def response_ids(self, row: PromptRow, rng: random.Random) -> list[int]:
-        """One reference solution of ``row``, tokenized, plus EOS (capped at max_response_tokens)."""
+        """One reference solution of ``row``, tokenized, plus EOS (cut at ``max_response_tokens`` if set)."""
         text = self.task.reference_solution(row, rng)
         ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos_id]
-        if len(ids) > self.max_response_tokens:
-            # Longer than RL would ever sample: train on the head (the answer cannot be graded
-            # anyway) rather than teach lengths the rollout engine truncates.
+        if self.max_response_tokens is not None and len(ids) > self.max_response_tokens:
             self.num_truncated += 1
             ids = ids[: self.max_response_tokens]
+        self.longest_response = max(self.longest_response, len(ids))
         return ids
 
     def next_batch(self) -> tuple[list[list[int]], list[list[int]]]:
@@ -439,7 +449,7 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
     pad_id = eos_id if pad_id is None else pad_id
     rows = task.generate("train", s.num_examples, seed=s.seed)
     stream = SFTBatches(task, rows, [encode_prompt(tokenizer, r) for r in rows], tokenizer, eos_id,
-                        s.batch_size, s.seed, _max_response_tokens(cfg))
+                        s.batch_size, s.seed, s.max_response_tokens)
 
     # Fixed held-out batch: the first train rows (solutions drawn once, with their own seed) and
     # test-split rows the model never trains on.
@@ -499,6 +509,10 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
             # if not, the steps were not plain NLL steps (the PPO clip may have cut gradients).
             log.warning("SFT: the PPO ratio strayed %.2e from 1 (nondeterministic forward?); the updates were "
                         "not exact NLL steps", max_ratio_dev)
+        if stream.longest_response > cfg.rollout.max_tokens:
+            # RL would cut such responses before their answer: the task's solutions do not fit.
+            log.warning("SFT: reference responses of up to %d tokens (EOS included) exceed rollout.max_tokens=%d; "
+                        "raise rollout.max_tokens for RL", stream.longest_response, cfg.rollout.max_tokens)
         learners.save_hf(save_dir)
     finally:
         learners.shutdown()
@@ -511,6 +525,7 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
         "epochs": s.steps * s.batch_size / len(rows),
         "skipped_steps": skipped,
         "truncated_responses": stream.num_truncated,
+        "longest_response_tokens": stream.longest_response,
         "final_heldout_nll": {"train": final["train"], "test": final["test"]},
         "initial_heldout_nll": {"train": curve[0]["train"], "test": curve[0]["test"]},
         "final_train_batch_nll": float(np.mean(train_nll[-s.log_every:])),
@@ -535,7 +550,7 @@ def evaluate_model(cfg: RLConfig, model_dir: str, splits: tuple[str, ...] = ("te
 
     Per split: ``sft.eval_prompts`` prompts generated with ``sft.seed``, ``sft.eval_samples`` samples
     each at ``rollout.temperature`` / ``rollout.max_tokens``. Returns, per split, ``pass@k`` for
-    k in {1, 4, 16, ...} up to the sample count (unbiased estimator, :func:`rlsys.algo.pass_at_k`),
+    k in {1, 2, 4, 8, 16, 32, 64} up to the sample count (unbiased estimator, :func:`rlsys.algo.pass_at_k`),
     ``distinct_correct_mean`` (distinct correct canonical answers found per prompt),
     ``solutions_mean`` (how many exist per prompt), ``distinct_fraction_mean`` (their ratio,
     averaged over prompts), ``format_rate`` (samples with an ``Answer:`` line and EOS), and a few
@@ -592,9 +607,14 @@ def evaluate_model(cfg: RLConfig, model_dir: str, splits: tuple[str, ...] = ("te
     return results
 
 
+def _pass_at_k_text(r: dict[str, Any]) -> str:
+    ks = sorted((int(k.split("@")[1]), v) for k, v in r.items() if k.startswith("pass@"))
+    return " ".join(f"pass@{k} {v:.3f}" for k, v in ks)
+
+
 def _log_eval(ev: dict[str, Any]) -> None:
     for split, r in ev.items():
-        ks = " ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("pass@"))
+        ks = _pass_at_k_text(r)
         log.info("SFT eval %s (%d prompts x %d): %s | distinct correct/prompt %.2f of %.2f existing | format %.2f",
                  split, r["num_prompts"], r["samples_per_prompt"], ks, r["distinct_correct_mean"],
                  r["solutions_mean"], r["format_rate"])
@@ -626,10 +646,11 @@ def main() -> None:
         print(f"\nrlsys: SFT warm start ready in {time.perf_counter() - t0:.1f} s: {path}")
         print(f"  trained {rep.get('steps')} steps in {rep.get('train_seconds', float('nan')):.0f} s; held-out "
               f"NLL/token {rep['initial_heldout_nll']['test']:.3f} -> {rep['final_heldout_nll']['test']:.3f} (test)")
-        for split, r in rep.get("eval", {}).items():
-            ks = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("pass@"))
-            print(f"  {split:5s} {ks}  distinct correct/prompt {r['distinct_correct_mean']:.2f} of "
-                  f"{r['solutions_mean']:.2f}")
+        ev = rep.get("eval", {})
+        for split in sorted(ev, key=lambda x: (x != "test", x)):
+            r = ev[split]
+            print(f"  {split:5s} {_pass_at_k_text(r)}  distinct correct/prompt {r['distinct_correct_mean']:.2f} "
+                  f"of {r['solutions_mean']:.2f}")
         print(f"  report: {Path(path) / REPORT_FILE}")
 
     _app()

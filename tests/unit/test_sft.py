@@ -62,7 +62,6 @@ def test_key_is_the_same_in_another_process_with_another_hash_seed(base):
     ("sft", "num_examples", 100), ("sft", "seed", 1), ("sft", "dtype", "float32"),
     ("sft", "max_response_tokens", 16), ("data", "task", "sort"), ("model", "dtype", "float32"),
     ("learner", "weight_decay", 0.1), ("learner", "beta1", 0.8), ("learner", "grad_clip", 0.5),
-    ("rollout", "max_tokens", 16),  # the default cap on training responses
 ])
 def test_key_changes_with_every_setting_that_changes_the_weights(base, section, field, value):
     cfg = RLConfig()
@@ -76,7 +75,8 @@ def test_key_changes_with_every_setting_that_changes_the_weights(base, section, 
     ("sft", "eval_prompts", 0), ("sft", "eval_samples", 4), ("sft", "micro_batch_size", 64),
     ("learner", "num_workers", 2), ("learner", "zero_stage", 3), ("learner", "micro_batch_size", 2),
     ("trainer", "seed", 5), ("trainer", "total_steps", 1000), ("algo", "gamma", 1.0),
-    ("rollout", "temperature", 0.7), ("cluster", "num_cpus", 8),
+    ("rollout", "temperature", 0.7), ("rollout", "max_tokens", 16), ("cluster", "num_cpus", 8),
+    ("learner", "lr", 1e-3), ("data", "num_train", 100),
 ])
 def test_key_ignores_settings_that_cannot_change_the_weights(base, section, field, value):
     """Layout (ranks, ZeRO stage, micro-batches) leaves the gradient exact; RL settings are not SFT's."""
@@ -171,11 +171,14 @@ def test_solutions_are_redrawn_each_epoch_from_the_prior():
     assert max(len(v) for v in per_row.values()) >= 2
 
 
-def test_long_responses_are_capped_and_counted():
+def test_long_responses_are_cut_only_when_a_cap_is_set():
     _, _, s = stream(batch_size=4, cap=5)
     _, responses = s.next_batch()
     assert all(len(r) <= 5 for r in responses)
-    assert s.num_truncated == 4
+    assert s.num_truncated == 4 and s.longest_response == 5
+    _, _, s = stream(batch_size=4, cap=None)
+    _, responses = s.next_batch()
+    assert s.num_truncated == 0 and s.longest_response == max(len(r) for r in responses) > 5
 
 
 def test_stream_rejects_bad_arguments():
