@@ -160,12 +160,17 @@ def test_fork_bomb_in_a_code_answer_creates_only_its_runner(grader: RewardGrader
     start = time.monotonic()
     with ProcessSampler() as sampler:
         grades = grader.grade(bombs)
-    assert time.monotonic() - start < TIMEOUT_S
+    # "error" (not "timeout") already shows the bomb was stopped, not waited out; the clock bound
+    # only guards against a hang and leaves room for a loaded 2-core machine.
+    assert time.monotonic() - start < 5 * TIMEOUT_S
     assert [g.status for g in grades] == [GRADE_ERROR, GRADE_ERROR]
     assert all("sandbox violation: os.fork" in g.detail for g in grades), [g.detail for g in grades]
     new = {pid: cmd for pid, cmd in sampler.seen.items() if pid not in before_procs}
     assert all("code_exec.py --runner" in cmd for cmd in new.values()), new  # nothing but runners
     assert sampler.peak <= len(before_procs) + 2  # at most one runner per child at a time
+    deadline = time.monotonic() + 5  # a finished runner may take a moment to be reaped under load
+    while descendants() != before_procs and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert descendants() == before_procs
 
 
