@@ -23,7 +23,7 @@ import torch
 
 from rlsys import algo
 from rlsys import checkpoint as ckpt
-from rlsys.config import ConfigError, RLConfig, validate
+from rlsys.config import ConfigError, RLConfig, local_cluster_cpus, validate
 from rlsys.eval import EvalResult, eval_metrics, load_eval_rows
 from rlsys.records import GRADE_STATUSES, GradeRequest, PromptRow, RolloutGroup, RolloutRequest, TrainBatch
 from rlsys.sampler import PromptSampler, sample_seed
@@ -62,7 +62,7 @@ def train(cfg: RLConfig) -> RunSummary:
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)  # values only; resources are checked once the cluster is known
-    with cluster.session(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace) as cpus:
+    with cluster.session(cfg.cluster.address, local_cluster_cpus(cfg), cfg.cluster.namespace) as cpus:
         validate(cfg, available_cpus=cpus)
         return _train(cfg, out_dir)
 

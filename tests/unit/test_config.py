@@ -77,3 +77,17 @@ def test_model_path_must_be_a_causal_lm_with_weights(tmp_path):
         validate(make(f"model.path={tmp_path}"))
     (tmp_path / "model.safetensors").write_bytes(b"")
     validate(make(f"model.path={tmp_path}"))
+
+
+def test_a_default_local_cluster_fits_the_default_actors_on_a_small_machine(monkeypatch):
+    import os
+
+    from rlsys.config import local_cluster_cpus, requested_cpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cfg = make()
+    assert requested_cpus(cfg) == 2.5  # rollout 1 + learner 1 + reward 0.5
+    assert local_cluster_cpus(cfg) == 3
+    validate(cfg, available_cpus=local_cluster_cpus(cfg))
+    with pytest.raises(ConfigError, match=r"cluster\.num_cpus"):  # an explicit size is respected
+        validate(make("cluster.num_cpus=2"), available_cpus=local_cluster_cpus(make("cluster.num_cpus=2")))
