@@ -1,6 +1,6 @@
 """Run checkpoints on disk: atomic step directories, the driver's state, finding the newest one.
 
-Layout of ``<run.output_dir>/checkpoints/step_XXXXXX/``::
+Layout of ``<run.output_dir>/checkpoints/step_NNNNNN/``::
 
     model.safetensors, config.json, tokenizer files   Hugging Face checkpoint (transformers, vLLM)
     learner_state/                                    optimizer + master weights + RNG, per rank
@@ -75,7 +75,7 @@ def begin(out_dir: str | os.PathLike, step: int) -> Path:
 
 
 def commit(tmp: Path, state: DriverState, keep: int) -> Path:
-    """Write the driver state last, rename ``tmp`` to ``step_XXXXXX`` and keep the newest ``keep``."""
+    """Write the driver state last, rename ``tmp`` to ``step_NNNNNN`` and keep the newest ``keep``."""
     with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
         fh.write(state.to_json())
         fh.flush()

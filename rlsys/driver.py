@@ -341,7 +341,7 @@ def check_sync(cfg: RLConfig, learners, rollout, probe: list[int], version: int)
 
 
 def save_checkpoint(learners, out_dir: Path, state: "ckpt.DriverState", keep: int) -> str:
-    """checkpoints/step_XXXXXX: HF weights + learner state + driver state, renamed into place only
+    """checkpoints/step_NNNNNN: HF weights + learner state + driver state, renamed into place only
     when complete (rlsys.checkpoint); the newest ``keep`` are kept."""
     tmp = ckpt.begin(out_dir, state.step)
     learners.save_hf(str(tmp))
