@@ -32,7 +32,7 @@ STEP_KEYS = [
 ]
 
 SMALL = ["trainer.total_steps=2", "trainer.prompts_per_step=4", "algo.group_size=4", "rollout.max_tokens=16",
-         "learner.micro_batch_size=4", "logger.wandb_mode=offline", "learner.lr=1e-3",
+         "learner.micro_batch_size=4", "logger.wandb_mode=offline", "learner.lr=1e-3", "learner.warmup_steps=0",
          "eval.n=4", "eval.k=[1,4]", "eval.num_prompts=4"]
 DIGIT = "tests.integration.reward_fns:has_digit"
 
