@@ -20,11 +20,11 @@ keeps the mean over training of ``algo/mixed_group_fraction``, ``algo/focal_weig
 Outputs under ``--out``: ``README.md`` (tables, plots, commands, wall time; a hand-written
 ``discussion.md`` in the same directory is embedded when present), ``results.json`` (every number),
 ``pass_at_k_test.png`` / ``pass_at_k_ood.png`` (one curve per method, mean over seeds, error bars =
-std across seeds), ``runs/<run>/`` (each run's metrics and evals; the checkpoint is deleted once
+std across seeds), ``rl/<run>/`` (each run's metrics and evals; the checkpoint is deleted once
 evaluated unless ``--keep-checkpoints``) and ``difficulty/`` (pool pass rates, hardest / easiest
 selections).
 
-A run whose ``runs/<run>/result.json`` already exists is reused, so an interrupted study continues
+A run whose ``rl/<run>/result.json`` already exists is reused, so an interrupted study continues
 where it stopped (delete ``--out`` to start over). A run that fails (say, a worker killed from
 outside) is retried once from scratch.
 
@@ -83,8 +83,8 @@ SELECTIONS = ("hardest", "easiest")
 
 @dataclass(frozen=True)
 class Preset:
-    """Sizes of one study. ``train`` overrides apply to every RL run (same steps and prompts per step
-    for every method); the RL recipe itself (lr, warmup, micro-batch) is the rlsys default."""
+    """Sizes of one study. ``train`` overrides apply to every RL run (same steps, prompts per step and
+    optimizer settings for every method); anything not set there is the rlsys default."""
 
     seeds: tuple[int, ...]
     train: tuple[str, ...]
@@ -94,7 +94,7 @@ class Preset:
     pool_size: int  # hard-examples pool (train prompts)
     difficulty_k: int
     fraction: float
-    extra: tuple[str, ...] = ()  # anything else (the smoke preset's cheap warm start)
+    extra: tuple[str, ...] = ()  # overrides for every step, warm start and evaluation included
     num_cpus: int = 4  # local Ray cluster: the actors ask for 2.5 CPUs; oversubscribing is fine
 
 
@@ -106,8 +106,12 @@ PRESETS: dict[str, Preset] = {
                     extra=("sft.enabled=false", "rollout.max_tokens=8")),
     # The report, sized to ~45 min on an otherwise idle 2-core machine: a quarter of the default
     # recipe's rollouts per N = 8 run (40 steps x 16 prompts instead of 80 x 32), 32 problems per split.
-    "full": Preset(seeds=(0, 1, 2), train=("trainer.total_steps=40", "trainer.prompts_per_step=16"), eval_n=256,
-                   eval_k=(1, 4, 16, 64, 256), eval_prompts=32, pool_size=320, difficulty_k=10, fraction=0.1),
+    # The optimizer settings are the default recipe's, pinned so the report does not move with the defaults.
+    "full": Preset(seeds=(0, 1, 2),
+                   train=("trainer.total_steps=40", "trainer.prompts_per_step=16", "learner.lr=1e-4",
+                          "learner.warmup_steps=10", "learner.micro_batch_size=64"),
+                   eval_n=256, eval_k=(1, 4, 16, 64, 256), eval_prompts=32, pool_size=320, difficulty_k=10,
+                   fraction=0.1),
 }
 
 
@@ -171,9 +175,9 @@ def training_means(metrics_path: Path) -> dict[str, float]:
 def evaluate_both(cfg, model_path: str, out_dir: Path, label: str) -> dict[str, Any]:
     """pass@k (and distinct correct answers) of ``model_path`` on the test and ood splits.
 
-    What :func:`rlsys.eval.run_eval` does for one split (same rows, samplers, seeds and output
-    files under ``out_dir/eval_<split>``), but with ONE rollout/reward pool for both splits: a pool
-    start costs ~10 s on a small machine, as much as sampling a split at n = 256.
+    What :func:`rlsys.eval.run_eval` does for one split (same rows, samplers and seeds; JSON + CSV
+    under ``out_dir/eval_<split>``), but with ONE rollout/reward pool for both splits: a pool start
+    costs ~10 s on a small machine, about as much as sampling a split at n = 256.
     """
     from transformers import AutoTokenizer
 
@@ -190,8 +194,11 @@ def evaluate_both(cfg, model_path: str, out_dir: Path, label: str) -> dict[str, 
             t0 = time.perf_counter()
             ev = evaluate(split_rows, tokenizer, rollout_pool, reward_pool, n=e.n, ks=e.k, seed=e.seed,
                           max_prompts_per_call=e.max_prompts_per_call)
-            write_eval_outputs(ev, out_dir / f"eval_{split}", label,
-                               config={"model_path": model_path, "split": split, "eval": dataclasses.asdict(e)})
+            paths = write_eval_outputs(ev, out_dir / f"eval_{split}", label,
+                                       config={"model_path": model_path, "split": split, "eval": dataclasses.asdict(e)})
+            # The per-checkpoint plot repeats one curve of the study's plots; ~15 of them would only
+            # bloat a report directory meant for version control (the JSON and CSV stay).
+            paths.png.unlink(missing_ok=True)
             res[split] = {"pass_at_k": {str(k): v for k, v in ev.pass_at_k.items()},
                           "pass_at_k_stderr": {str(k): v for k, v in ev.pass_at_k_stderr.items()},
                           "distinct_correct": ev.mean_distinct_correct,
@@ -210,7 +217,7 @@ def run_one(preset: Preset, method: Method, seed: int, out: Path, warm_start: st
     from rlsys.driver import train
 
     run_id = f"{method.key}{tag}_s{seed}"
-    run_dir = out / "runs" / run_id
+    run_dir = out / "rl" / run_id  # not "runs/": the repository's .gitignore drops every runs/ directory
     done = run_dir / "result.json"
     if done.exists():
         log.info("%s: reusing %s", run_id, done)
@@ -440,8 +447,9 @@ def write_report(out: Path, preset_name: str, preset: Preset, warm: dict[str, An
     lines = [
         "# F-GRPO vs GRPO on countdown (tiny model, CPU)", "",
         f"Generated by `python scripts/study_fgrpo.py {' '.join(shlex.quote(a) for a in argv)}` "
-        f"(preset `{preset_name}`) on {platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        "Every number below is in `results.json`; every run's metrics and evals are under `runs/`.", "",
+        f"(preset `{preset_name}`) on {platform.node() or 'this machine'}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "Every number below is in `results.json`; every run's metrics and evals are under `rl/`.", "",
         "## Setup", "",
         f"- Policy: the built-in tiny Qwen2 model, starting point `{warm['path']}` (the SFT warm start unless "
         "`sft.enabled=false`; every RL run starts from it).",
@@ -457,14 +465,15 @@ def write_report(out: Path, preset_name: str, preset: Preset, warm: dict[str, An
         "(rewards not all equal) from each run's `metrics.jsonl`.",
     ]
     if selection:
+        hard, easy = selection["hardest"], selection["easiest"]
         lines.append(
             f"- Hard examples (arXiv 2508.14094): the warm start's pass rate on {selection['pool']} train prompts "
             f"from K={selection['k']} samples each (mean {selection['pool_mean_pass_rate']:.3f}, "
             f"{100 * selection['pool_all_wrong_fraction']:.0f} % never solved, histogram over c=0..K "
             f"{selection['histogram']}); {SELECTION_METHOD.label} (seed {preset.seeds[0]}) trained on the hardest "
-            f"{selection['hardest']['num_prompts']} (pass rate {selection['hardest']['min']:.2f}..{selection['hardest']['max']:.2f}) "
-            f"and on the easiest {selection['easiest']['num_prompts']} (pass rate "
-            f"{selection['easiest']['min']:.2f}..{selection['easiest']['max']:.2f}) prompts, same steps and prompts per step.")
+            f"{hard['num_prompts']} (pass rate {hard['min']:.2f}..{hard['max']:.2f}) and on the easiest "
+            f"{easy['num_prompts']} (pass rate {easy['min']:.2f}..{easy['max']:.2f}) prompts, same steps and "
+            "prompts per step.")
     lines += ["", "## Results (mean ± std across seeds)", "", results_table(groups, kmax), "",
               "Per run:", "", per_seed_table(groups, kmax), "",
               "## pass@k curves", "", "![test](pass_at_k_test.png)", "", "![ood](pass_at_k_ood.png)", "",
@@ -481,14 +490,15 @@ def write_report(out: Path, preset_name: str, preset: Preset, warm: dict[str, An
               "listed in `results.json`):", "", "```", cmd_train,
               f"python -m rlsys.eval model.path=<that run's final checkpoint> eval.split=test  # and eval.split=ood",
               "```", "",
-              f"Wall time: {total / 60:.1f} min in all on {_machine()} "
+              f"Wall time of the invocation that wrote this report: {total / 60:.1f} min on {_machine()} "
               f"(warm start + its eval {timings.get('warm_start', 0) / 60:.1f} min, difficulty "
               f"{timings.get('difficulty', 0) / 60:.1f} min, RL runs {timings.get('runs', 0) / 60:.1f} min). "
               "Per-run wall times are in the per-run table.", "",
               "## Files", "",
-              "- `results.json`: every number in this report, per run", f"- `{plots['test'].name}`, "
-              f"`{plots['ood'].name}`, `pass_at_k_delta.png`: the plots above", "- `runs/<run>/`: `metrics.jsonl`, `eval_test/`, `eval_ood/`, "
-              "`result.json` (checkpoints are deleted after evaluation unless `--keep-checkpoints`)",
+              "- `results.json`: every number in this report, per run",
+              f"- `{plots['test'].name}`, `{plots['ood'].name}`, `pass_at_k_delta.png`: the plots above",
+              "- `rl/<run>/`: `metrics.jsonl`, `eval_test/`, `eval_ood/`, `result.json` (checkpoints are deleted "
+              "after evaluation unless `--keep-checkpoints`)",
               "- `difficulty/`: `annotated.jsonl` (pool pass rates), `hardest.jsonl`, `easiest.jsonl`, "
               "`pass_rates.png`, `summary.json`", ""]
     path = out / "README.md"
@@ -543,8 +553,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         t0 = time.perf_counter()
         groups = [Group("warm_start", "starting policy (no RL)", [warm])]
         for method in METHODS:
-            groups.append(Group(method.key, method.label, [run_one(preset, method, s, out, ws, keep_checkpoints=args.keep_checkpoints)
-                                                         for s in preset.seeds]))
+            runs = [run_one(preset, method, s, out, ws, keep_checkpoints=args.keep_checkpoints) for s in preset.seeds]
+            groups.append(Group(method.key, method.label, runs))
         timings["runs"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
