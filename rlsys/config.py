@@ -100,6 +100,7 @@ class RolloutConfig:
     enforce_eager: bool = True  # torch.compile costs 25-45 s of start-up on CPU
     timeout_s: float = 600.0  # a generate call that takes longer fails the step, naming the worker
     max_restarts: int = 3  # a worker that dies is replaced, at most this many times per worker per run
+    vllm_log_level: str = "WARNING"  # vLLM's logger in the rollout workers: DEBUG | INFO | WARNING | ERROR
 
 
 @dataclass
@@ -182,6 +183,10 @@ class SFTConfig:
     seed: int = 0  # data order, sampled solutions, eval prompts; not trainer.seed, so RL seeds share one warm start
     dtype: Optional[str] = None  # learner dtype for SFT: bfloat16 | float32; None: model.dtype
     micro_batch_size: Optional[int] = None  # None: each rank's whole share of the batch at once (short rows)
+    # Learner ranks for SFT. None: learner.num_workers, raised to 2 for CPU learners when the cluster
+    # has the CPUs (SFT runs before any RL actor exists, so on a 2-core machine both cores train; the
+    # gradient does not depend on the rank count, so neither does the cache key).
+    num_workers: Optional[int] = None
     max_response_tokens: Optional[int] = None  # cut training responses to this many tokens; None: no cut
     log_every: int = 25  # steps between held-out NLL measurements
     eval_prompts: int = 64  # after SFT: prompts per split (test, ood) sampled with vLLM; 0: no eval
@@ -318,6 +323,8 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
         _fail("rollout.top_p", r.top_p, "must be in (0, 1]")
     if r.temperature <= 0:
         _fail("rollout.temperature", r.temperature, "must be > 0 (RL needs sampling; use eval for greedy)")
+    if r.vllm_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        _fail("rollout.vllm_log_level", r.vllm_log_level, "choose DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     w = cfg.reward
     _check_positive(w, "reward", ("num_workers", "procs_per_worker", "timeout_s", "memory_limit_mb"))

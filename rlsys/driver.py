@@ -426,7 +426,7 @@ def rollout_spec(cfg: RLConfig, model_path: str):
     return RolloutSpec(model_path=model_path, dtype=cfg.model.dtype, max_tokens=r.max_tokens,
                        temperature=r.temperature, top_p=r.top_p, kv_cache_memory_bytes=r.kv_cache_memory_mb << 20,
                        gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
-                       seed=cfg.trainer.seed)
+                       seed=cfg.trainer.seed, vllm_log_level=r.vllm_log_level)
 
 
 def learner_spec(cfg: RLConfig, model_path: str):

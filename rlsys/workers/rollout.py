@@ -39,6 +39,7 @@ class RolloutSpec:
     gpu_memory_utilization: float = 0.5  # GPU
     enforce_eager: bool = True
     seed: int = 0
+    vllm_log_level: str = "WARNING"  # vLLM's own logger inside the worker (its INFO lines are per step)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,31 @@ class GenerationStats:
     seconds: float
     worker_id: int
     restarts: int = 0  # times the pool replaced this worker while serving this call (pool-side)
+
+
+class _DropBenignReloadWarning(logging.Filter):
+    """Drops vLLM's per-sync "RotaryEmbedding: Failed to load weights" warning.
+
+    On a weight reload vLLM 0.32 warns for every layer that has loadable tensors but got none from
+    the checkpoint; for RotaryEmbedding that tensor is the derived cos/sin cache, never in a
+    checkpoint, and vLLM puts the original back. So the warning fires on every sync and means
+    nothing; a real failure still shows for any other layer, and the per-sync probe check
+    (``sync/logprob_diff``) fails the run if the weights did not land.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
+
+
+def _configure_vllm_logging(level: str) -> None:
+    """vLLM's logger at ``level`` (before vLLM's import, via its env var; after it, directly) and
+    the benign reload warning dropped. Called in the process that owns the engine."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    vllm_log = logging.getLogger("vllm")
+    vllm_log.setLevel(level)
+    for handler in vllm_log.handlers:
+        if not any(isinstance(f, _DropBenignReloadWarning) for f in handler.filters):
+            handler.addFilter(_DropBenignReloadWarning())
 
 
 class RolloutEngine:
@@ -62,8 +88,11 @@ class RolloutEngine:
     def __init__(self, spec: RolloutSpec, worker_id: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", spec.vllm_log_level)
         import torch
         from vllm import LLM
+
+        _configure_vllm_logging(spec.vllm_log_level)
 
         self.spec = spec
         self.worker_id = worker_id

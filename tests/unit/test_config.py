@@ -47,6 +47,7 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
     ("learner.zero_stage=4", "learner.zero_stage"),
     ("logger.wandb_mode=loud", "logger.wandb_mode"),
     ("rollout.top_p=1.5", "rollout.top_p"),
+    ("rollout.vllm_log_level=info", "rollout.vllm_log_level"),
     ("model.path=/does/not/exist", "model.path"),
     ("trainer.total_steps=0", "trainer.total_steps"),
 ])

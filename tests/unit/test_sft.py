@@ -73,6 +73,7 @@ def test_key_changes_with_every_setting_that_changes_the_weights(base, section, 
 @pytest.mark.parametrize("section,field,value", [
     ("sft", "output_dir", "/somewhere"), ("sft", "enabled", False), ("sft", "log_every", 7),
     ("sft", "eval_prompts", 0), ("sft", "eval_samples", 4), ("sft", "micro_batch_size", 64),
+    ("sft", "num_workers", 1),
     ("learner", "num_workers", 2), ("learner", "zero_stage", 3), ("learner", "micro_batch_size", 2),
     ("trainer", "seed", 5), ("trainer", "total_steps", 1000), ("algo", "gamma", 1.0),
     ("rollout", "temperature", 0.7), ("rollout", "max_tokens", 16), ("cluster", "num_cpus", 8),
@@ -207,13 +208,35 @@ def test_nll_batch_is_a_grpo_batch_with_unit_advantages():
     ("dtype", "float16", "sft.dtype"), ("micro_batch_size", 0, "sft.micro_batch_size"),
     ("max_response_tokens", 0, "sft.max_response_tokens"), ("warmup_steps", -1, "sft.warmup_steps"),
     ("log_every", 0, "sft.log_every"), ("eval_prompts", -1, "sft.eval_prompts"),
-    ("eval_samples", 0, "sft.eval_samples"),
+    ("eval_samples", 0, "sft.eval_samples"), ("num_workers", 0, "sft.num_workers"),
 ])
 def test_validate_sft_names_the_key(field, value, match):
     cfg = RLConfig()
     setattr(cfg.sft, field, value)
     with pytest.raises(ConfigError, match=match):
         sft.validate_sft(cfg)
+
+
+@pytest.mark.parametrize("sft_workers,learners,gpus,cpus,expected", [
+    (None, 1, 0.0, 3, 2),  # the default job on a 2-core machine: both cores train
+    (None, 1, 0.0, 1, 1),  # a 1-CPU cluster: one rank
+    (None, 4, 0.0, 8, 4),  # never fewer than the RL learners
+    (None, 1, 1.0, 8, 1),  # GPU learners: exactly learner.num_workers (GPUs are not oversubscribed)
+    (3, 1, 0.0, 1, 3),  # explicit: taken as given (_check_resources then refuses what does not fit)
+])
+def test_sft_learner_count(sft_workers, learners, gpus, cpus, expected):
+    cfg = RLConfig()
+    cfg.sft.num_workers, cfg.learner.num_workers, cfg.learner.num_gpus_per_worker = sft_workers, learners, gpus
+    assert sft.sft_learner_count(cfg, cpus) == expected
+    moved = sft.with_sft_learners(cfg, cpus)
+    assert moved.learner.num_workers == expected and cfg.learner.num_workers == learners  # a copy
+
+
+def test_explicit_sft_workers_that_do_not_fit_name_the_key():
+    cfg = RLConfig()
+    cfg.sft.num_workers = 4
+    with pytest.raises(ConfigError, match=r"sft.num_workers=4.*exceed the 3 CPUs"):
+        sft._check_resources(sft.with_sft_learners(cfg, 3), 3)
 
 
 def test_warm_start_needs_a_built_in_task(tmp_path, base):
@@ -256,4 +279,5 @@ def test_settings_are_json_and_complete(base):
     assert s["format_version"] == sft.FORMAT_VERSION
     assert s["base_model_identity"] == {"build_record": {"format_version": 1, "size": "tiny", "seed": 0}}
     assert {f.name for f in dataclasses.fields(RLConfig().sft)} - {
-        "output_dir", "enabled", "log_every", "eval_prompts", "eval_samples", "micro_batch_size"} <= set(s)
+        "output_dir", "enabled", "log_every", "eval_prompts", "eval_samples", "micro_batch_size",
+        "num_workers"} <= set(s)
