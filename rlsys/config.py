@@ -8,6 +8,7 @@ with a message naming the key and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -58,6 +59,9 @@ class AlgoConfig:
     agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
     kl_coef: float = 0.0  # k3 KL to the initial policy; 0 = off (the paper's setting)
     entropy_coef: float = 0.0
+    # Truncated importance sampling against the rollout engine (Yao et al. 2025): weight each token's
+    # policy-gradient term by min(pi_old / pi_rollout, tis_cap); None = off. 2.0 is the usual value.
+    tis_cap: Optional[float] = None
     dynamic_sampling: bool = False  # DAPO: keep only mixed groups, refill with fresh prompts
     max_refill_rounds: int = 3  # dynamic sampling: extra generation rounds before giving up
 
@@ -287,6 +291,8 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
         _fail("algo.agg", a.agg, f"choose one of {', '.join(AGG_MODES)}")
     _check_positive(a, "algo", ("adv_eps",))
     _check_positive(a, "algo", ("kl_coef", "entropy_coef", "max_refill_rounds"), allow_zero=True)
+    if a.tis_cap is not None and not (math.isfinite(a.tis_cap) and a.tis_cap >= 1):
+        _fail("algo.tis_cap", a.tis_cap, "must be a finite number >= 1 (2.0 is usual), or null for off")
 
     t = cfg.trainer
     _check_positive(t, "trainer", ("total_steps", "prompts_per_step", "max_nonfinite_steps"))
@@ -385,8 +391,6 @@ def local_cluster_cpus(cfg: RLConfig) -> int:
     """Size of the local Ray cluster: ``cluster.num_cpus`` if set, else this machine's CPU count
     raised to what the actors ask for. Ray's CPU counts are scheduling tokens, and a small machine
     (2 cores: rollout 1 + learner 1 + reward 0.5) is better oversubscribed than refused."""
-    import math
-
     if cfg.cluster.num_cpus is not None:
         return cfg.cluster.num_cpus
     return max(os.cpu_count() or 1, math.ceil(requested_cpus(cfg)))

@@ -438,7 +438,7 @@ def learner_spec(cfg: RLConfig, model_path: str):
                        grad_clip=lr.grad_clip, micro_batch_size=lr.micro_batch_size, loss_type=a.loss_type,
                        clip_low=a.clip_low, clip_high=a.clip_high, agg=a.agg,
                        token_sum_constant=float(cfg.rollout.max_tokens), kl_coef=a.kl_coef,
-                       entropy_coef=a.entropy_coef, seed=cfg.trainer.seed,
+                       entropy_coef=a.entropy_coef, tis_cap=a.tis_cap, seed=cfg.trainer.seed,
                        gradient_checkpointing=lr.gradient_checkpointing)
 
 
@@ -475,6 +475,7 @@ def step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, ti
         "train/rollout_logprob_diff": tstats.rollout_logprob_diff,
         "train/tokens": tstats.num_tokens,
         "train/skipped": int(tstats.skipped),
+        **{f"train/{k}": tstats.extra[k] for k in ("tis_weight_mean", "tis_clip_fraction") if k in tstats.extra},
         "sync/seconds": times["time/sync"],
         "sync/logprob_diff": logprob_diff,
         "weight_version": version,

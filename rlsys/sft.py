@@ -484,6 +484,7 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
     spec = dataclasses.replace(
         learner_spec(cfg, base), dtype=_train_dtype(cfg), lr=s.lr, warmup_steps=s.warmup_steps,
         loss_type="grpo", clip_low=None, clip_high=None, agg="token_mean", kl_coef=0.0, entropy_coef=0.0,
+        tis_cap=None,  # SFT rows carry rollout log-probs 0 (see the module docstring): no IS correction
         seed=s.seed, micro_batch_size=_micro_batch_size(cfg))
     t0 = time.perf_counter()
     learners = LearnerGroup(spec, cfg.learner.num_workers,

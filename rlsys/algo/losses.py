@@ -101,6 +101,8 @@ def policy_loss(
     agg: str = "token_mean",
     normalizer: Optional[Union[Number, torch.Tensor]] = None,
     token_sum_constant: Optional[Number] = None,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    tis_cap: Optional[Number] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Clipped policy-gradient loss to MINIMISE, plus detached metrics (paper-notes Sec. 2).
 
@@ -112,6 +114,13 @@ def policy_loss(
       the IS weight is clipped to [0, 6] and carries no gradient (sg = stop-gradient).
 
     plus ``kl_coef * k3(logprobs, ref_logprobs)`` and minus ``entropy_coef * entropy``.
+
+    Truncated importance sampling (``tis_cap``; Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"): the samples come from the rollout engine
+    (``rollout_logprobs``, e.g. vLLM in bf16), not from pi_old as the learner computes it, so each
+    token's policy-gradient term is multiplied by the constant ``w = min(exp(old_logprobs -
+    rollout_logprobs), tis_cap)``, correcting the engine/learner mismatch with a bounded weight. The
+    KL and entropy terms are not weighted. Off (``tis_cap=None``) the loss is exactly as above.
 
     Aggregation (``agg``), each "sum of per-row terms / normalizer":
 
@@ -137,6 +146,9 @@ def policy_loss(
         agg: aggregation mode, see above.
         normalizer: positive number or scalar tensor overriding the default denominator.
         token_sum_constant: positive constant for ``seq_mean_token_sum_norm``.
+        rollout_logprobs: ``[N, T]`` the sampler's log-probs of the same tokens (detached), required
+            when ``tis_cap`` is set.
+        tis_cap: truncation C >= 1 of the importance weight pi_old / pi_rollout; None = off.
 
     Masked positions never contribute value or gradient, even if they hold inf/NaN-prone values
     (they are replaced by neutral values before any exp/log).
@@ -149,13 +161,14 @@ def policy_loss(
         whose IS weight was clipped), ``approx_kl`` (k3 estimate of KL(pi_old || pi):
         ``r - 1 - log r``), ``ratio_mean``, ``ratio_min``, ``ratio_max``, ``num_tokens``,
         ``num_sequences`` (rows with >= 1 masked token), ``kl`` (if ``ref_logprobs``),
-        ``entropy`` (if ``entropy``). With no masked token the means are 0.0 and the ratio
+        ``entropy`` (if ``entropy``), ``tis_weight_mean`` and ``tis_clip_fraction`` (tokens whose
+        weight was truncated; both if ``tis_cap``). With no masked token the means are 0.0 and the ratio
         extremes 1.0, and the loss is a graph-connected zero.
 
     Raises:
         ValueError: unknown ``loss_type``/``agg``, negative epsilons or coefficients, shape or
             dtype mismatches, missing ``ref_logprobs``/``entropy``/``token_sum_constant``,
-            non-positive ``normalizer``.
+            non-positive ``normalizer``, ``tis_cap`` < 1 or without ``rollout_logprobs``.
     """
     # ---- validation -------------------------------------------------------------------------
     if loss_type not in LOSS_TYPES:
@@ -197,6 +210,14 @@ def policy_loss(
         entropy = _check_float_tensor("entropy", entropy, shape)
     elif entropy_coef > 0:
         raise ValueError("entropy_coef > 0 needs entropy=[N, T] per-token entropies (or set entropy_coef=0)")
+    if tis_cap is not None:
+        if isinstance(tis_cap, bool) or not isinstance(tis_cap, (int, float)) or not math.isfinite(float(tis_cap)) \
+                or tis_cap < 1:
+            raise ValueError(f"tis_cap must be a finite number >= 1 (or None for off), got {tis_cap!r}")
+        if rollout_logprobs is None:
+            raise ValueError("tis_cap needs rollout_logprobs=[N, T], the sampler's log-probs (or set tis_cap=None)")
+    if rollout_logprobs is not None:
+        rollout_logprobs = _check_float_tensor("rollout_logprobs", rollout_logprobs, shape).detach()
     if agg == "seq_mean_token_sum_norm":
         if token_sum_constant is None:
             raise ValueError(
@@ -229,6 +250,13 @@ def policy_loss(
         is_weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high).detach()
         pg = -is_weight * advantages * torch.where(mask, logprobs, zero)
         clip_active = (ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)
+    tis_w = None
+    if tis_cap is not None:
+        # A constant per token (old and rollout log-probs carry no gradient); masked positions get 1.
+        tis_w = torch.exp(torch.where(mask, old_logprobs - rollout_logprobs, zero))
+        tis_clipped = tis_w > float(tis_cap)
+        tis_w = torch.clamp(tis_w, max=float(tis_cap))
+        pg = pg * tis_w
     pg = torch.where(mask, pg, zero)
     per_token = pg
     kl_tok = None
@@ -288,6 +316,10 @@ def policy_loss(
         if ent_tok is not None:
             values.append(ent_tok.detach().sum() / safe_n)
             names.append("entropy")
+        if tis_w is not None:
+            values += [torch.where(has_tok, torch.where(mask, tis_w, zero).sum() / safe_n, one),
+                       (tis_clipped & mask).to(ratio.dtype).sum() / safe_n]
+            names += ["tis_weight_mean", "tis_clip_fraction"]
         floats = torch.stack([v.to(ratio.dtype).reshape(()) for v in values]).tolist()
     metrics = dict(zip(names, floats))
     return loss, metrics

@@ -283,6 +283,7 @@ class LearnerSpec:
     token_sum_constant: Optional[float] = None
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
+    tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine (algo.tis_cap)
     seed: int = 0
     gradient_checkpointing: bool = False
     logprob_chunk_tokens: int = 0
@@ -318,6 +319,8 @@ class LearnerSpec:
         for name in ("weight_decay", "grad_clip", "kl_coef", "entropy_coef"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 bad(name, "must be finite and >= 0")
+        if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap >= 1):
+            bad("tis_cap", "must be a finite number >= 1 (or None for off)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             bad("betas", "must be two numbers in [0, 1)")
         if not self.eps > 0:
@@ -723,7 +726,7 @@ class Learner:
         diff_sum = float(np.abs(old - batch.rollout_logprobs)[mask].astype(np.float64).sum())
         need_entropy_grad = spec.entropy_coef > 0
         # Weighted sums (value * tokens) and extremes across micro-batches, reduced across ranks below.
-        tok = loss_sum = pg = clip = akl = ent = rmean = kl = 0.0
+        tok = loss_sum = pg = clip = akl = ent = rmean = kl = tis_w = tis_clip = 0.0
         rmax, rmin = -math.inf, math.inf
         nonfinite_loss = 0.0
         self.engine.train()
@@ -748,6 +751,8 @@ class Learner:
                 agg=spec.agg,
                 normalizer=batch.loss_normalizer,
                 token_sum_constant=spec.token_sum_constant,
+                rollout_logprobs=self._tensor(batch.rollout_logprobs[rows, :width]) if spec.tis_cap else None,
+                tis_cap=spec.tis_cap,
             )
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -766,13 +771,15 @@ class Learner:
             ent += m["entropy"] * n_tok
             rmean += m["ratio_mean"] * n_tok
             kl += m.get("kl", 0.0) * n_tok
+            tis_w += m.get("tis_weight_mean", 0.0) * n_tok
+            tis_clip += m.get("tis_clip_fraction", 0.0) * n_tok
             if n_tok > 0:
                 rmax, rmin = max(rmax, m["ratio_max"]), min(rmin, m["ratio_min"])
 
         lr = float(self.engine.get_lr()[0])
         own_norm = self._stage0_grad_norm() if spec.zero_stage == 0 else None
         sums = self._all_reduce([loss_sum, tok, pg, clip, akl, ent, rmean, kl, diff_sum, nonfinite_loss,
-                                 float(mask.any(axis=1).sum())])
+                                 float(mask.any(axis=1).sum()), tis_w, tis_clip])
         maxes = self._all_reduce([rmax, -rmin], op="max")
         any_nonfinite_loss = sums[9] > 0
         skipped_before = self.engine.skipped_steps
@@ -804,6 +811,9 @@ class Learner:
         }
         if ref is not None:
             extra["kl"] = float(sums[7] / denom)
+        if spec.tis_cap is not None:
+            extra["tis_weight_mean"] = float(sums[11] / denom) if total_tok else 1.0
+            extra["tis_clip_fraction"] = float(sums[12] / denom)
         return TrainStats(
             loss=float(sums[0]),
             pg_loss=float(sums[2] / denom),

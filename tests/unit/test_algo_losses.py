@@ -301,3 +301,67 @@ def test_validation_errors():
         policy_loss(logp, old, adv, mask, normalizer=0)
     with pytest.raises(ValueError, match="logprobs"):
         policy_loss(logp[0], old[0], adv, mask[0])
+
+
+# ---- truncated importance sampling (tis_cap) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_tis_weights_each_tokens_pg_gradient_by_the_truncated_ratio(loss_type, agg):
+    """With tis_cap, the loss is the same sum with every policy-gradient token term multiplied by the
+    constant min(exp(old - rollout), cap): gradient per token = (plain gradient) x that weight."""
+    logp, old, _, _, adv, mask = _data(seed=11, spread=0.2)
+    g = torch.Generator().manual_seed(12)
+    rollout = old + 0.6 * torch.randn(old.shape, generator=g, dtype=F64)  # some weights far above cap 2
+    rollout[~mask] = float("-inf")  # padding garbage: must not leak
+    kw = dict(loss_type=loss_type, agg=agg, token_sum_constant=7.0)
+    lp0 = logp.clone().requires_grad_(True)
+    plain, _ = policy_loss(lp0, old, adv, mask, **kw)
+    plain.backward()
+    lp1 = logp.clone().requires_grad_(True)
+    loss, m = policy_loss(lp1, old, adv, mask, rollout_logprobs=rollout, tis_cap=2.0, **kw)
+    loss.backward()
+    w = torch.where(mask, torch.clamp(torch.exp(old - rollout), max=2.0), torch.ones_like(old))
+    assert torch.allclose(lp1.grad, lp0.grad * w, rtol=1e-12, atol=1e-15)
+    assert torch.isfinite(loss)
+    capped = ((torch.exp(old - rollout) > 2.0) & mask).sum().item()
+    assert 0 < capped < mask.sum().item()
+    assert m["tis_clip_fraction"] == pytest.approx(capped / mask.sum().item(), abs=1e-12)
+    assert m["tis_weight_mean"] == pytest.approx(w[mask].mean().item(), rel=1e-12)
+
+
+def test_tis_with_matching_sampler_is_the_plain_loss():
+    logp, old, ref, ent, adv, mask = _data(seed=3)
+    kw = dict(ref_logprobs=ref, kl_coef=0.1, entropy=ent, entropy_coef=0.01)
+    plain, pm = policy_loss(logp, old, adv, mask, **kw)
+    same, sm = policy_loss(logp, old, adv, mask, rollout_logprobs=old.clone(), tis_cap=2.0, **kw)
+    assert same.item() == plain.item()
+    assert sm["tis_weight_mean"] == 1.0 and sm["tis_clip_fraction"] == 0.0
+    assert "tis_weight_mean" not in pm
+
+
+def test_tis_does_not_weight_kl_and_entropy():
+    logp, old, ref, ent, adv, mask = _data(seed=4)
+    zero_adv = torch.zeros_like(adv)  # only the KL and entropy terms remain
+    kw = dict(ref_logprobs=ref, kl_coef=0.3, entropy=ent, entropy_coef=0.05)
+    plain, _ = policy_loss(logp, old, zero_adv, mask, **kw)
+    tis, _ = policy_loss(logp, old, zero_adv, mask, rollout_logprobs=old - 1.0, tis_cap=2.0, **kw)
+    assert tis.item() == pytest.approx(plain.item(), rel=1e-14)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tis_cap=2.0), "tis_cap needs rollout_logprobs"),
+    (dict(tis_cap=0.5, rollout_logprobs="old"), "tis_cap must be"),
+    (dict(tis_cap=float("inf"), rollout_logprobs="old"), "tis_cap must be"),
+    (dict(tis_cap=True, rollout_logprobs="old"), "tis_cap must be"),
+    (dict(tis_cap=2.0, rollout_logprobs="short"), "rollout_logprobs"),
+])
+def test_tis_validation(kwargs, match):
+    logp, old, _, _, adv, mask = _data()
+    if kwargs.get("rollout_logprobs") == "old":
+        kwargs["rollout_logprobs"] = old
+    elif kwargs.get("rollout_logprobs") == "short":
+        kwargs["rollout_logprobs"] = old[:, :3]
+    with pytest.raises(ValueError, match=match):
+        policy_loss(logp, old, adv, mask, **kwargs)

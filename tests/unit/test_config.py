@@ -48,6 +48,7 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
     ("logger.wandb_mode=loud", "logger.wandb_mode"),
     ("rollout.top_p=1.5", "rollout.top_p"),
     ("rollout.vllm_log_level=info", "rollout.vllm_log_level"),
+    ("algo.tis_cap=0.5", "algo.tis_cap"),
     ("model.path=/does/not/exist", "model.path"),
     ("trainer.total_steps=0", "trainer.total_steps"),
 ])
