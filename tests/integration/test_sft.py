@@ -113,6 +113,7 @@ def test_warm_start_trains_evaluates_and_reuses(ray_cluster, model_path, tmp_pat
     assert path == str(out)
     rep = json.loads((out / sft.REPORT_FILE).read_text())
     assert rep["steps"] == 15 and rep["skipped_steps"] == 0 and rep["max_ratio_deviation"] < 1e-3
+    assert rep["num_learners"] == 2  # sft.num_workers unset, CPU learners, 2 CPUs: both train
     assert [p["step"] for p in rep["nll_curve"]] == [0, 5, 10, 15]
     for split in ("train", "test"):
         before, after = rep["initial_heldout_nll"][split], rep["final_heldout_nll"][split]
