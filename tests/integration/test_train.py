@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -75,6 +76,28 @@ def run_train(tmp_path: Path, *overrides: str, timeout: int = 900) -> tuple[subp
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, ""), bad
 
 
+def all_rows(tmp_path: Path) -> list[dict]:
+    """Every row of metrics.jsonl: training steps and evaluation rows."""
+    with open(tmp_path / "run" / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def documented_metric_keys() -> set[str]:
+    """The keys docs/metrics.md names in its tables (first column, backticked; ``@k`` stands for any k)."""
+    keys: set[str] = set()
+    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
+        if line.startswith("| `"):
+            keys.update(re.findall(r"`([^`]+)`", line.split(" | ")[0]))
+    return keys
+
+
+def assert_documented(tmp_path: Path) -> None:
+    """Every key the run wrote has a row in the glossary."""
+    documented = documented_metric_keys()
+    undocumented = sorted({k for r in all_rows(tmp_path) for k in r if re.sub(r"@\d+", "@k", k) not in documented})
+    assert not undocumented, f"metrics missing from docs/metrics.md: {undocumented}"
+
+
 def metrics_of(tmp_path: Path) -> list[dict]:
     """The training steps' rows (row 0, when present, is the evaluation before training)."""
     with open(tmp_path / "run" / "metrics.jsonl") as fh:
@@ -96,6 +119,7 @@ def check_run(tmp_path: Path, res: subprocess.CompletedProcess, bad: list, steps
     assert res.returncode == 0, res.stdout[-6000:]
     assert not bad, f"sockets bound off loopback during the run: {sorted(set(bad))}"
     rows = metrics_of(tmp_path)
+    assert_documented(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert any(r["algo/mixed_group_fraction"] > 0 for r in rows), "no mixed group: the test has no signal"
     for r in rows:
@@ -186,6 +210,7 @@ def test_dapo_dynamic_sampling_survives_when_nothing_is_mixed(tmp_path):
                        "trainer.total_steps=1")
     assert res.returncode == 0, res.stdout[-6000:]
     row = metrics_of(tmp_path)[0]
+    assert_documented(tmp_path)
     assert row["algo/sampling_rounds"] == 3  # the first round + 2 refills
     assert row["algo/filtered_groups"] == 3 * 4
     assert row["train/grad_norm"] == 0.0
