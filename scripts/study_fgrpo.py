@@ -415,7 +415,9 @@ def plot_deltas(groups: list[Group], ks: tuple[int, ...], path: Path, reference:
                     err.append(math.sqrt(var))
                 # Nudge each method sideways a little so the error bars do not hide each other.
                 xs = [k * 2 ** (0.06 * (i - (len(others) - 1) / 2)) for k in ks]
-                ax.errorbar(xs, d, yerr=err, marker="o", markersize=4, capsize=3, linewidth=1.4, label=g.label)
+                # Same colour as in the absolute plots (matplotlib's cycle in the order of ``groups``).
+                ax.errorbar(xs, d, yerr=err, marker="o", markersize=4, capsize=3, linewidth=1.4, label=g.label,
+                            color=f"C{groups.index(g) % 10}")
             ax.axhline(0.0, color="black", linewidth=0.8)
             ax.set_xscale("log", base=2)
             ax.set_xticks(list(ks))
@@ -477,7 +479,7 @@ def write_report(out: Path, preset_name: str, preset: Preset, warm: dict[str, An
     lines += ["", "## Results (mean ± std across seeds)", "", results_table(groups, kmax), "",
               "Per run:", "", per_seed_table(groups, kmax), "",
               "## pass@k curves", "", "![test](pass_at_k_test.png)", "", "![ood](pass_at_k_ood.png)", "",
-              *(["Differences to GRPO N=8 (single-seed rows: no error bar):", "", "![delta](pass_at_k_delta.png)", ""]
+              *(["Differences to GRPO N=8 (error bars: ± 1 s.e. of the difference over seeds; for a one-seed row that is the reference's spread alone):", "", "![delta](pass_at_k_delta.png)", ""]
                 if delta_png else []),
               "## The questions, as numbers", "", *comparisons(by_key, kmax), "",
               "## Discussion", ""]
@@ -490,7 +492,7 @@ def write_report(out: Path, preset_name: str, preset: Preset, warm: dict[str, An
               "listed in `results.json`):", "", "```", cmd_train,
               f"python -m rlsys.eval model.path=<that run's final checkpoint> eval.split=test  # and eval.split=ood",
               "```", "",
-              f"Wall time of the invocation that wrote this report: {total / 60:.1f} min on {_machine()} "
+              f"Wall time of the invocation that produced `results.json`: {total / 60:.1f} min on {_machine()} "
               f"(warm start + its eval {timings.get('warm_start', 0) / 60:.1f} min, difficulty "
               f"{timings.get('difficulty', 0) / 60:.1f} min, RL runs {timings.get('runs', 0) / 60:.1f} min). "
               "Per-run wall times are in the per-run table.", "",
