@@ -66,15 +66,20 @@ class _DropBenignReloadWarning(logging.Filter):
         return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
 
 
+# The vLLM module that logs the warning above. A filter on a logger sees the records created on that
+# logger (not those of its children), and vLLM attaches its handlers only when the engine starts, so
+# the filter sits here. If vLLM moves the module the warning simply reappears.
+_VLLM_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
 def _configure_vllm_logging(level: str) -> None:
     """vLLM's logger at ``level`` (before vLLM's import, via its env var; after it, directly) and
     the benign reload warning dropped. Called in the process that owns the engine."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
-    vllm_log = logging.getLogger("vllm")
-    vllm_log.setLevel(level)
-    for handler in vllm_log.handlers:
-        if not any(isinstance(f, _DropBenignReloadWarning) for f in handler.filters):
-            handler.addFilter(_DropBenignReloadWarning())
+    logging.getLogger("vllm").setLevel(level)
+    reload_log = logging.getLogger(_VLLM_RELOAD_LOGGER)
+    if not any(isinstance(f, _DropBenignReloadWarning) for f in reload_log.filters):
+        reload_log.addFilter(_DropBenignReloadWarning())
 
 
 class RolloutEngine:

@@ -33,13 +33,16 @@ def test_level_and_benign_warning(vllm_logger):
     logger, records = vllm_logger
     rollout._configure_vllm_logging("WARNING")
     rollout._configure_vllm_logging("WARNING")  # idempotent: one filter, not two
-    assert len(logger.handlers[0].filters) == 1
+    # The module vLLM 0.32 logs it from (tests/integration/test_train.py checks the real log).
     child = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    assert len(child.filters) == 1
     child.info("Reloading weights inplace...")
     child.warning("%s: Failed to load weights", "RotaryEmbedding")
     child.warning("%s: Failed to load weights", "QKVParallelLinear")
     child.error("engine died")
-    assert [r.getMessage() for r in records] == ["QKVParallelLinear: Failed to load weights", "engine died"]
+    logging.getLogger("vllm.other").warning("some other warning")
+    assert [r.getMessage() for r in records] == ["QKVParallelLinear: Failed to load weights", "engine died",
+                                                 "some other warning"]
 
 
 def test_info_level_keeps_info(vllm_logger):
