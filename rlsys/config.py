@@ -405,11 +405,37 @@ def register_configs() -> None:
 
 
 def to_dataclass(cfg: Any) -> RLConfig:
-    """Turn a composed DictConfig into a plain, typed RLConfig object."""
+    """Turn a composed DictConfig into a plain, typed RLConfig object (local paths made absolute)."""
     from omegaconf import OmegaConf
 
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, RLConfig):
         raise ConfigError("the composed config is not an RLConfig: conf/config.yaml must list rl_schema "
                           "first in its defaults")
-    return obj
+    return absolute_paths(obj)
+
+
+def absolute_paths(cfg: RLConfig) -> RLConfig:
+    """A copy of ``cfg`` whose local file-system paths are absolute (``~`` expanded, relative ones taken
+    against the current directory): ``run.output_dir``, ``model.path``, ``data.path`` and the
+    ``output_dir`` of ``eval``, ``sft`` and ``difficulty``.
+
+    Why: the paths travel to Ray actors (the learners' process-group file, the checkpoint vLLM loads),
+    and an actor's working directory is not the driver's, so ``run.output_dir=outputs/x`` would name
+    another directory there. Every entry point (the Hydra apps, ``train``, ``run_eval``,
+    ``run_difficulty``, ``warm_start``) applies this once, before anything uses a path.
+    """
+    import dataclasses
+
+    def absolute(p: Optional[str]) -> Optional[str]:
+        return None if p is None else os.path.abspath(os.path.expanduser(p))
+
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, output_dir=absolute(cfg.run.output_dir)),
+        model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)),
+        data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
+        eval=dataclasses.replace(cfg.eval, output_dir=absolute(cfg.eval.output_dir)),
+        sft=dataclasses.replace(cfg.sft, output_dir=absolute(cfg.sft.output_dir)),
+        difficulty=dataclasses.replace(cfg.difficulty, output_dir=absolute(cfg.difficulty.output_dir)),
+    )

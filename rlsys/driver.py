@@ -23,7 +23,7 @@ import torch
 
 from rlsys import algo
 from rlsys import checkpoint as ckpt
-from rlsys.config import ConfigError, RLConfig, local_cluster_cpus, validate
+from rlsys.config import ConfigError, RLConfig, absolute_paths, local_cluster_cpus, validate
 from rlsys.eval import EvalResult, eval_metrics, load_eval_rows
 from rlsys.records import GRADE_STATUSES, GradeRequest, PromptRow, RolloutGroup, RolloutRequest, TrainBatch
 from rlsys.sampler import PromptSampler, sample_seed
@@ -59,6 +59,7 @@ def train(cfg: RLConfig) -> RunSummary:
     """Run one F-GRPO job on the Ray cluster ``cfg.cluster`` describes."""
     from rlsys import cluster
 
+    cfg = absolute_paths(cfg)  # paths reach actors, whose working directory is not ours
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)  # values only; resources are checked once the cluster is known

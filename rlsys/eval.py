@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from rlsys.algo import pass_at_k
-from rlsys.config import ConfigError, RLConfig, validate
+from rlsys.config import ConfigError, RLConfig, absolute_paths, validate
 from rlsys.records import GRADE_ERROR, GRADE_INVALID, GRADE_STATUSES, GRADE_TIMEOUT, GradeRequest, PromptRow, \
     RolloutRequest
 
@@ -607,6 +607,7 @@ def run_eval(cfg: RLConfig) -> EvalRun:
     """
     from rlsys import cluster
 
+    cfg = absolute_paths(cfg)  # paths reach actors, whose working directory is not ours
     validate(cfg)  # includes 1 <= k <= eval.n for every eval.k
     e = cfg.eval
     if e.max_prompts_per_call is not None and e.max_prompts_per_call < 1:

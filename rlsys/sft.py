@@ -84,7 +84,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rlsys.config import ConfigError, RLConfig, validate
+from rlsys.config import ConfigError, RLConfig, absolute_paths, validate
 from rlsys.records import PromptRow
 
 log = logging.getLogger("rlsys.sft")
@@ -329,6 +329,7 @@ def warm_start(cfg: RLConfig) -> str:
     """
     from rlsys.driver import resolve_model_path
 
+    cfg = absolute_paths(cfg)  # paths reach actors, whose working directory is not ours
     validate(cfg)
     validate_sft(cfg)
     if cfg.data.task is None:

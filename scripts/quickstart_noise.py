@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -64,11 +65,13 @@ def run_seed(seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
     if res.returncode != 0:
         raise RuntimeError(f"seed {seed} failed with exit code {res.returncode}; see {log_path}")
     before, after, steps = eval_rows(run_dir / "metrics.jsonl")
+    warm = re.search(r"SFT warm start: (?:reusing|wrote) (\S+)", log_path.read_text())
     ks = sorted(int(k.split("@")[1]) for k in before if k.startswith("eval/pass@") and not k.endswith("_stderr"))
     result = {"seed": seed, "command": "python " + shlex.join(cmd[1:]), "seconds": seconds,
               "before": {k: before[f"eval/pass@{k}"] for k in ks}, "after": {k: after[f"eval/pass@{k}"] for k in ks},
               "stderr_after": {k: after[f"eval/pass@{k}_stderr"] for k in ks},
               "num_problems": after["eval/num_problems"], "steps": len(steps),
+              "warm_start": warm.group(1) if warm else None,
               "train_reward_first": steps[0]["reward/mean"], "train_reward_last": steps[-1]["reward/mean"]}
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     done.write_text(json.dumps(result, indent=2) + "\n")
@@ -94,7 +97,7 @@ def report(results: list[dict[str, Any]], out: Path, argv: list[str]) -> str:
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Each row is `{results[0]['command']}` with "
              "its seed: the default job (F-GRPO gamma 0.5 on countdown from the cached SFT warm start), evaluated "
              f"before and after training on the same {results[0]['num_problems']:.0f} held-out problems with the "
-             "same sampling seeds.", "",
+             f"same sampling seeds. Warm start: `{results[0].get('warm_start')}`.", "",
              "| seed | " + " | ".join(f"pass@{k} before -> after" for k in ks) + " | pass@1 gain | train reward first -> last | wall |",
              "|---|" + "---|" * (len(ks) + 3)]
     for r, g in zip(results, gains):
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "quickstart_noise")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = p.parse_args(argv)
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     results = [json.loads(json.dumps(run_seed(s, args.out, args.overrides))) for s in args.seeds]  # str keys
     print(report(results, args.out, argv))

@@ -575,10 +575,13 @@ class Learner:
                                         world_size=self.world_size,
                                         timeout=datetime.timedelta(seconds=self.spec.dist_timeout_s))
             except Exception as e:
+                parent = os.path.dirname(init_file)
+                why = (f"its directory {parent!r} does not exist here (cwd {os.getcwd()!r}): the init file must be "
+                       "an absolute path on a file system every learner shares" if not os.path.isdir(parent) else
+                       "a stale init file from an earlier run makes ranks disagree: delete it, or give a fresh path")
                 raise RuntimeError(
                     f"learner rank {self.rank}/{self.world_size}: joining the {backend} process group via "
-                    f"file://{init_file} failed ({type(e).__name__}: {e}); a stale init file from an earlier "
-                    "run makes ranks disagree: delete it, or give a fresh path") from e
+                    f"file://{init_file} failed ({type(e).__name__}: {e}); {why}") from e
         self._deepspeed.init_distributed(dist_backend=backend)
         return device
 
@@ -1356,7 +1359,8 @@ class LearnerGroup:
         self.num_workers = num_workers
         self.call_timeout_s = call_timeout_s
         self.actors: list = []
-        root = Path(init_dir or tempfile.gettempdir())
+        # Absolute: the actors resolve it in their own working directory, which is not ours.
+        root = Path(init_dir or tempfile.gettempdir()).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         self.init_file = str(root / f"rlsys_learner_pg_{os.getpid()}_{uuid.uuid4().hex[:12]}")
         if os.path.exists(self.init_file):

@@ -48,9 +48,14 @@ def digit_data(tmp_path: Path, n: int = 32) -> list[str]:
     return ["data=file", f"data.path={path}", f"data.verifier={DIGIT}", f"reward.allowed_functions=[{DIGIT}]"]
 
 
-def run_train(tmp_path: Path, *overrides: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, list]:
-    """Run the training CLI; return the process result and any off-loopback listeners it had."""
+def run_train(tmp_path: Path, *overrides: str, timeout: int = 900,
+              relative_output: bool = False) -> tuple[subprocess.CompletedProcess, list]:
+    """Run the training CLI (from the repository root) with ``run.output_dir`` = ``tmp_path/run``,
+    given as a path relative to the root when ``relative_output``; return the process result and any
+    off-loopback listeners it had."""
     out = tmp_path / "run"
+    if relative_output:
+        out = Path(os.path.relpath(out, ROOT))
     cmd = [sys.executable, "-m", "rlsys.train", f"run.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
            *SMALL, *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -151,7 +156,9 @@ def check_run(tmp_path: Path, res: subprocess.CompletedProcess, bad: list, steps
 
 
 def test_train_one_worker_each(tmp_path):
-    res, bad = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path))
+    # A relative run.output_dir, as users type it: the learners' process-group file and the checkpoints
+    # live under it, and the actors' working directory is not the driver's.
+    res, bad = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path), relative_output=True)
     check_run(tmp_path, res, bad)
     from transformers import AutoModelForCausalLM
 

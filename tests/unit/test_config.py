@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from rlsys.config import ConfigError, RLConfig, register_configs, to_dataclass, validate
+from rlsys.config import ConfigError, RLConfig, absolute_paths, register_configs, to_dataclass, validate
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
@@ -93,3 +93,24 @@ def test_a_default_local_cluster_fits_the_default_actors_on_a_small_machine(monk
     validate(cfg, available_cpus=local_cluster_cpus(cfg))
     with pytest.raises(ConfigError, match=r"cluster\.num_cpus"):  # an explicit size is respected
         validate(make("cluster.num_cpus=2"), available_cpus=local_cluster_cpus(make("cluster.num_cpus=2")))
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    """Paths reach Ray actors, whose working directory is not the driver's: every entry point makes
+    them absolute against the caller's directory first (Hydra apps via to_dataclass)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = make("run.output_dir=out/run", "model.path=ckpt", "data.path='~/d.jsonl'", "eval.output_dir=ev",
+               "sft.output_dir=../sft", "difficulty.output_dir=/abs/diff")
+    assert cfg.run.output_dir == str(tmp_path / "out" / "run")
+    assert cfg.model.path == str(tmp_path / "ckpt")
+    assert cfg.data.path == str(tmp_path / "home" / "d.jsonl")
+    assert cfg.eval.output_dir == str(tmp_path / "ev")
+    assert cfg.sft.output_dir == str(tmp_path.parent / "sft")
+    assert cfg.difficulty.output_dir == "/abs/diff"
+    plain = RLConfig()
+    plain.run.output_dir = "rel"
+    fixed = absolute_paths(plain)
+    assert fixed.run.output_dir == str(tmp_path / "rel") and plain.run.output_dir == "rel"  # a copy
+    assert fixed.model.path is None and fixed.sft.output_dir is None  # unset stays unset
+    assert absolute_paths(fixed) == fixed  # idempotent
