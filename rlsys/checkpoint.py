@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from rlsys.fsutil import replace_dir
 from rlsys.sampler import SamplerState
 
 STATE_FILE = "driver_state.json"
@@ -81,13 +82,7 @@ def commit(tmp: Path, state: DriverState, keep: int) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     final = tmp.parent / f"step_{state.step:06d}"
-    if final.exists():  # re-saving a step after a resume: replace the older copy
-        trash = tmp.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    replace_dir(tmp, final)  # re-saving a step after a resume replaces the older copy
     _fsync_dir(tmp.parent)
     rotate(tmp.parent, keep)
     return final

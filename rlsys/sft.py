@@ -67,9 +67,7 @@ better per step and 3x slower; float32 learns the same per step and is slower th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -78,13 +76,13 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from rlsys.config import ConfigError, RLConfig, absolute_paths, validate
+from rlsys.fsutil import file_lock, replace_dir
 from rlsys.records import PromptRow
 
 log = logging.getLogger("rlsys.sft")
@@ -227,18 +225,6 @@ def _is_complete(out_dir: Path, key: str) -> bool:
     return rep is not None and rep.get("key") == key and (out_dir / "config.json").is_file()
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory flock on ``path`` (released on exit or process death)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 # ================================ data ===============================================================
 
 
@@ -351,7 +337,7 @@ def warm_start(cfg: RLConfig) -> str:
     if out.exists() and not (out.is_dir() and (read_report(out) is not None or not any(out.iterdir()))):
         raise ConfigError(f"invalid config sft.output_dir={str(out)!r}: it exists and is not an SFT result "
                           f"(no {REPORT_FILE}); point sft.output_dir at a new directory or unset it to use the cache")
-    with _file_lock(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock"):
         if _is_complete(out, key):  # another process finished it while we waited
             _log_reuse(out)
             return str(out)
@@ -432,13 +418,7 @@ def _train_into(cfg: RLConfig, base: str, settings: dict[str, Any], key: str, ou
             _log_eval(report["eval"])
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         os.chmod(staging / REPORT_FILE, 0o644)
-        if out.exists():  # an explicit sft.output_dir holding an older SFT result: replace it
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        replace_dir(staging, out)  # an explicit sft.output_dir may hold an older SFT result
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

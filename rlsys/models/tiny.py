@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rlsys.fsutil import file_lock
 from rlsys.models.tokenizer import (
     EOS_TOKEN_ID,
     MODEL_MAX_LENGTH,
@@ -197,18 +197,6 @@ def _is_complete(model_dir: Path, size: str, seed: int) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory flock on ``path``, released on exit from the block or process death."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_tiny_model(
     size: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None
 ) -> Path:
@@ -228,7 +216,7 @@ def ensure_tiny_model(
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = f".{final.name}.tmp-"
-    with _file_lock(parent / f".{final.name}.lock"):
+    with file_lock(parent / f".{final.name}.lock"):
         # Another process may have finished while we waited for the lock.
         if _is_complete(final, size, seed):
             return final

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from rlsys.algo.losses import AGG_MODES, LOSS_TYPES, policy_loss
+from rlsys.fsutil import replace_dir
 from rlsys.records import TrainBatch, TrainStats
 from rlsys.workers.batching import iter_micro_batches, num_micro_batches, plan_shards, take_rows
 from rlsys.workers.weight_sync import WeightBucket, iter_buckets, unpack_bucket
@@ -984,13 +985,7 @@ class Learner:
         for f in tmp.iterdir():
             os.chmod(f, 0o644)  # safetensors writes 0600; checkpoints are read by other processes/users
         os.chmod(tmp, 0o755)
-        if final.exists():
-            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_dir(tmp, final)
 
     # ---- training state (resume) -----------------------------------------------------------------
 
