@@ -15,7 +15,16 @@ CONF_DIR = os.environ.get("RLSYS_CONF_DIR", str(Path(__file__).resolve().parent.
 
 
 def setup_logging() -> None:
-    """One readable line per event on stderr; quiet the chattiest libraries."""
+    """One readable line per event on stderr, written at once; quiet the chattiest libraries.
+
+    stdout and stderr become line-buffered so that lines (ours, and the Ray actors' output that
+    the driver prints with log_to_driver) reach a pipe or a file as they happen, not in 8 KiB blocks.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError, OSError):  # replaced by a non-TextIOWrapper, or closed
+            pass
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("vllm", "ray", "deepspeed", "urllib3", "filelock", "httpx", "wandb"):

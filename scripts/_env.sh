@@ -41,3 +41,5 @@ source "$VENV/bin/activate"
 # Loopback-only Ray on a local cluster; no usage stats phoned home.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Output reaches a pipe or a file line by line, as it happens (not in blocks at exit).
+export PYTHONUNBUFFERED=1
