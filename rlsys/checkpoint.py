@@ -45,6 +45,7 @@ class DriverState:
     first_reward: float  # train reward of step 1 (for the end-of-run summary)
     eval_before: dict[int, float]  # held-out pass@k of the starting policy
     format_version: int = FORMAT_VERSION
+    dtype: str = ""  # the run's resolved compute dtype (model.dtype); "" in checkpoints from before it was kept
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 log = logging.getLogger("rlsys.cluster")
+_started_here = False  # connect() started the local cluster this process is attached to
 
 # Environment every rlsys process (driver and actors) runs with. vLLM runs in the actor's own
 # process (no engine subprocess) and talks to itself over loopback only.
@@ -40,6 +41,7 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
     machine's count). Anything else (``"auto"``, ``"ray://..."``, ``"host:port"``) joins that
     cluster; under ``ray job submit`` RAY_ADDRESS is set and ``"auto"`` finds it.
     """
+    global _started_here
     loopback_env()
     import ray
 
@@ -59,7 +61,9 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
             configure_logging=False,
         )
         log.info("started a local loopback-only Ray cluster with %d CPUs", cpus)
+        _started_here = True
         return True
+    _started_here = False
     ray.init(address=address, namespace=namespace, log_to_driver=True,
              configure_logging=False)
     log.info("joined the Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU"))
@@ -77,19 +81,53 @@ def session(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
         if started:
             import ray
 
+            global _started_here
             ray.shutdown()
+            _started_here = False
 
 
-def actor_options(num_cpus: float, num_gpus: float = 0.0, name: Optional[str] = None) -> dict:
+def actor_options(num_cpus: float, num_gpus: float = 0.0, name: Optional[str] = None,
+                  num_threads: Optional[int] = None) -> dict:
     """Ray ``.options(...)`` for an rlsys actor: resources plus the process environment.
 
     The environment goes in the actor's own runtime_env (merged with a submitted job's
     working_dir) rather than ray.init's, which a job submitted with its own runtime_env overrides.
+    ``num_threads``: the actor's compute threads (OMP/MKL thread pools, which torch and vLLM's CPU
+    kernels size from the environment at import); None: Ray's default (``num_cpus``).
     """
-    opts: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": dict(ACTOR_ENV)}}
+    env = dict(ACTOR_ENV)
+    if num_threads is not None:
+        env.update(OMP_NUM_THREADS=str(num_threads), MKL_NUM_THREADS=str(num_threads))
+    opts: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
     if name is not None:
         opts["name"] = name
     return opts
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (its CPU affinity; the machine's count where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_threads(configured: Optional[int], num_workers: int, num_cpus_per_worker: float) -> int:
+    """Compute threads for each of a role's ``num_workers`` actors.
+
+    ``configured`` (``rollout.num_threads`` / ``learner.num_threads``) wins. Else, on a local cluster
+    (:func:`connect` started it in this process), this machine's cores split evenly among
+    the role's workers: the synchronous loop runs generate, train and sync one after another, so
+    each phase may use every core, and Ray's default (threads = the actor's ``num_cpus``, 1 here)
+    would leave the other cores idle. On a remote cluster, ``num_cpus_per_worker``.
+    """
+    if configured is not None:
+        return int(configured)
+    import ray
+
+    if _started_here and ray.is_initialized():
+        return max(1, machine_cores() // max(1, num_workers))
+    return max(1, int(num_cpus_per_worker))
 
 
 def available_cpus() -> int:

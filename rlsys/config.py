@@ -8,6 +8,7 @@ with a message naming the key and the fix.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ from typing import Any, Optional
 ALGOS = ("grpo", "f_grpo", "dapo", "f_dapo", "cispo", "f_cispo")
 LOSS_TYPES = ("grpo", "dapo", "cispo")
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-DTYPES = ("bfloat16", "float32")
+DTYPES = ("auto", "bfloat16", "float32")
 WANDB_MODES = ("offline", "online", "disabled")
 RESUME_MODES = ("never", "auto")
+
+
+log = logging.getLogger("rlsys.config")
 
 
 class ConfigError(ValueError):
@@ -71,7 +75,11 @@ class ModelConfig:
     path: Optional[str] = None  # a Hugging Face checkpoint directory; None: the built tiny model
     tiny_size: str = "tiny"  # used when path is None: "tiny" (~1-5M params) or "100m"
     tiny_seed: int = 0
-    dtype: str = "bfloat16"  # rollout engine and learner compute dtype
+    # Rollout engine and learner compute dtype. auto: bfloat16 where the device computes it natively
+    # (CUDA >= 8.0; x86 with AVX512_BF16 / AMX-BF16), else float32 (rlsys.hardware); resolved once at
+    # start-up by config.resolve, which also fills dtype_reason.
+    dtype: str = "auto"
+    dtype_reason: Optional[str] = None  # set at start-up (why this dtype); not an input
     trust_remote_code: bool = False
 
 
@@ -96,6 +104,10 @@ class RolloutConfig:
     num_workers: int = 1
     num_cpus_per_worker: int = 1
     num_gpus_per_worker: float = 0.0
+    # Compute threads per engine. None: on a local cluster, this machine's cores shared by the rollout
+    # workers (the synchronous loop runs one phase at a time, so generation may use every core);
+    # on a remote cluster, num_cpus_per_worker.
+    num_threads: Optional[int] = None
     max_tokens: int = 32  # response length cap (T)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -124,6 +136,9 @@ class LearnerConfig:
     num_workers: int = 1
     num_cpus_per_worker: int = 1
     num_gpus_per_worker: float = 0.0
+    # Compute threads per rank. None: on a local cluster, this machine's cores shared by the ranks
+    # (the train phase runs alone); on a remote cluster, num_cpus_per_worker.
+    num_threads: Optional[int] = None
     zero_stage: int = 2
     lr: float = 1e-4  # tuned for the built-in tiny model (2e-4 already overfits and collapses pass@k); LLMs want ~1e-6
     weight_decay: float = 0.01
@@ -329,6 +344,8 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
         _fail("rollout.top_p", r.top_p, "must be in (0, 1]")
     if r.temperature <= 0:
         _fail("rollout.temperature", r.temperature, "must be > 0 (RL needs sampling; use eval for greedy)")
+    if r.num_threads is not None and r.num_threads < 1:
+        _fail("rollout.num_threads", r.num_threads, "must be >= 1, or null for the default")
     if r.vllm_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         _fail("rollout.vllm_log_level", r.vllm_log_level, "choose DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
@@ -340,6 +357,8 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
     _check_positive(lr, "learner", ("num_workers", "micro_batch_size", "lr", "timeout_s"))
     _check_positive(lr, "learner", ("num_cpus_per_worker", "num_gpus_per_worker", "weight_decay",
                                     "warmup_steps", "grad_clip"), allow_zero=True)
+    if lr.num_threads is not None and lr.num_threads < 1:
+        _fail("learner.num_threads", lr.num_threads, "must be >= 1, or null for the default")
     if lr.zero_stage not in (0, 1, 2, 3):
         _fail("learner.zero_stage", lr.zero_stage, "DeepSpeed ZeRO stages are 0, 1, 2, 3")
     for key in ("beta1", "beta2"):
@@ -405,14 +424,51 @@ def register_configs() -> None:
 
 
 def to_dataclass(cfg: Any) -> RLConfig:
-    """Turn a composed DictConfig into a plain, typed RLConfig object (local paths made absolute)."""
+    """Turn a composed DictConfig into a plain, typed RLConfig object, resolved (:func:`resolve`)."""
     from omegaconf import OmegaConf
 
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, RLConfig):
         raise ConfigError("the composed config is not an RLConfig: conf/config.yaml must list rl_schema "
                           "first in its defaults")
-    return absolute_paths(obj)
+    return resolve(obj)
+
+
+def resolve(cfg: RLConfig, probe: Any = None) -> RLConfig:
+    """The config every entry point runs with: local paths absolute (:func:`absolute_paths`) and
+    ``model.dtype`` resolved for the hardware (:func:`resolve_dtype`). Idempotent."""
+    return resolve_dtype(absolute_paths(cfg), probe)
+
+
+def resolve_dtype(cfg: RLConfig, probe: Any = None) -> RLConfig:
+    """A copy of ``cfg`` whose ``model.dtype`` is concrete (bfloat16 | float32) and whose
+    ``model.dtype_reason`` says why.
+
+    The decision (:mod:`rlsys.hardware`) is made for every device the job computes on: the rollout
+    engines' and the learners' (CUDA when they ask for GPUs, else this machine's CPU); bfloat16 only
+    if all of them compute it natively. ``auto`` is logged with its reason; an explicit bfloat16
+    without native support is kept but warns once. ``probe``: a :class:`rlsys.hardware.Probe` (tests
+    inject one), or a callable ``device -> Probe``; None reads this machine.
+    """
+    import dataclasses
+
+    from rlsys import hardware
+
+    m = cfg.model
+    if m.dtype not in DTYPES:
+        _fail("model.dtype", m.dtype, f"choose one of {', '.join(DTYPES)}")
+    if m.dtype != "auto" and m.dtype_reason is not None:
+        return cfg  # already resolved
+    devices = sorted({hardware.dtype_device(cfg.rollout.num_gpus_per_worker),
+                      hardware.dtype_device(cfg.learner.num_gpus_per_worker)})
+    probes = [probe if isinstance(probe, hardware.Probe) else (probe or hardware.probe)(d) for d in devices]
+    choices = [hardware.choose_dtype(m.dtype, p) for p in probes]
+    choice = next((c for c in choices if not c.native_bf16), choices[0])
+    if m.dtype == "auto":
+        log.info("model.dtype=auto: %s", choice.reason)
+    else:
+        hardware.warn_slow_bf16(choice)
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, dtype=choice.dtype, dtype_reason=choice.reason))
 
 
 def absolute_paths(cfg: RLConfig) -> RLConfig:

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from rlsys.config import ConfigError, RLConfig, absolute_paths, validate
+from rlsys.config import ConfigError, RLConfig, resolve, validate
 from rlsys.records import GRADE_ERROR, GRADE_TIMEOUT, PromptRow
 
 log = logging.getLogger("rlsys.difficulty")
@@ -250,7 +250,7 @@ def run_difficulty(cfg: RLConfig) -> DifficultyRun:
     from rlsys import cluster
     from rlsys.eval import check_eval_resources
 
-    cfg = absolute_paths(cfg)  # paths reach actors, whose working directory is not ours
+    cfg = resolve(cfg)  # absolute paths (actors have another cwd), model.dtype for this hardware
     validate(cfg)
     with cluster.session(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace) as cpus:
         check_eval_resources(cfg, cpus)

@@ -23,8 +23,9 @@ import torch
 
 from rlsys import algo
 from rlsys import checkpoint as ckpt
-from rlsys.config import ConfigError, RLConfig, absolute_paths, local_cluster_cpus, validate
+from rlsys.config import ConfigError, RLConfig, local_cluster_cpus, resolve, validate
 from rlsys.eval import EvalResult, eval_metrics, load_eval_rows
+from rlsys.progress import Progress
 from rlsys.records import GRADE_STATUSES, GradeRequest, PromptRow, RolloutGroup, RolloutRequest, TrainBatch
 from rlsys.sampler import PromptSampler, sample_seed
 
@@ -48,18 +49,23 @@ class RunSummary:
 
 @contextmanager
 def timed(times: dict[str, float], phase: str) -> Iterator[None]:
-    t0 = time.perf_counter()
+    """``time/<phase>``: wall seconds; ``cpu/<phase>``: the fraction of this machine's cores busy
+    meanwhile (all processes; on a local cluster that is the job's actors; nan without /proc/stat)."""
+    from rlsys.hardware import cpu_times, utilisation
+
+    t0, c0 = time.perf_counter(), cpu_times()
     try:
         yield
     finally:
         times[f"time/{phase}"] = time.perf_counter() - t0
+        times[f"cpu/{phase}"] = utilisation(c0, cpu_times())
 
 
 def train(cfg: RLConfig) -> RunSummary:
     """Run one F-GRPO job on the Ray cluster ``cfg.cluster`` describes."""
     from rlsys import cluster
 
-    cfg = absolute_paths(cfg)  # paths reach actors, whose working directory is not ours
+    cfg = resolve(cfg)  # absolute paths (actors have another cwd), model.dtype for this hardware
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)  # values only; resources are checked once the cluster is known
@@ -81,6 +87,10 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
     resume = find_resume_point(cfg, out_dir)
     model_path = policy_model_path(cfg)
     state = ckpt.load_driver_state(resume) if resume else None
+    if state and state.dtype and state.dtype != cfg.model.dtype:
+        # The optimizer state is kept in the run's dtype; another CPU kind may resolve auto differently.
+        raise ConfigError(f"invalid config model.dtype={cfg.model.dtype!r}: the run in {out_dir} was trained in "
+                          f"{state.dtype} ({resume.name}); resume it with model.dtype={state.dtype}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rows = load_prompt_rows(cfg)
     if len(rows) < t.prompts_per_step:
@@ -97,8 +107,7 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
         num_cpus=cfg.reward.num_cpus_per_worker, max_restarts=cfg.reward.max_restarts)
     reward_pool.validate_specs(sorted({r.verifier for r in rows}))
     learners = LearnerGroup(learner_spec(cfg, model_path), cfg.learner.num_workers,
-                            actor_options=cluster.actor_options(cfg.learner.num_cpus_per_worker,
-                                                                cfg.learner.num_gpus_per_worker),
+                            actor_options=learner_actor_options(cfg, cfg.learner.num_workers),
                             init_dir=str(out_dir / ".dist"), call_timeout_s=cfg.learner.timeout_s)
     if resume:
         # Optimizer state, fp32 master weights and RNG of every rank; the rollout engines start
@@ -106,9 +115,11 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
         learners.load_state(str(resume / ckpt.LEARNER_STATE_DIR))
     rollout = RolloutPool(rollout_spec(cfg, str(resume) if resume else model_path), cfg.rollout.num_workers,
                           num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
-                          timeout_s=cfg.rollout.timeout_s, max_restarts=cfg.rollout.max_restarts)
+                          timeout_s=cfg.rollout.timeout_s, max_restarts=cfg.rollout.max_restarts,
+                          num_threads=rollout_threads(cfg, cfg.rollout.num_workers))
     log.info("actors up in %.1f s: %d rollout, %d reward, %d learner workers", time.perf_counter() - t0,
              cfg.rollout.num_workers, cfg.reward.num_workers, cfg.learner.num_workers)
+    log_compute(cfg, learners.ready_info, rollout.describe())
 
     if state:
         dropped = ckpt.truncate_metrics(out_dir / "metrics.jsonl", state.step)
@@ -135,6 +146,7 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
             eval_before = dict(evals["start"].pass_at_k)
             logger.log(0, eval_metrics(evals["start"]))
 
+        progress = Progress(t.total_steps, "step", initial=start_step - 1, bar=False, logger=log)  # ETA in log_step
         for step in range(start_step, t.total_steps + 1):
             times: dict[str, float] = {}
             step_t0 = time.perf_counter()
@@ -182,6 +194,7 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
             times["time/step"] = time.perf_counter() - step_t0
             metrics = step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, times,
                                    refill, logprob_diff, version, reward_pool, rollout)
+            metrics["run/bf16"] = int(cfg.model.dtype == "bfloat16")  # the resolved compute dtype
             last = step == t.total_steps
             if (t.eval_every and step % t.eval_every == 0) or (last and t.eval_at_start_end):
                 with timed(metrics, "eval"):
@@ -194,14 +207,15 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
             last_reward = metrics["reward/mean"]
             if step == 1:
                 first_reward = last_reward
-            log_step(step, t.total_steps, metrics)
+            log_step(step, t.total_steps, metrics, progress)
             log_samples(tokenizer, batch_rows, groups, rewards, t.log_samples, step, logger)
 
             # ---- 6. checkpoint ------------------------------------------------------------------------
             if (t.save_every and step % t.save_every == 0) or step == t.total_steps:
                 state = ckpt.DriverState(step=step, sampler=sampler.state(), weight_version=version,
                                          wandb_run_id=logger.run_id, skipped_in_a_row=skipped_in_a_row,
-                                         first_reward=first_reward, eval_before=eval_before)
+                                         first_reward=first_reward, eval_before=eval_before,
+                                         dtype=cfg.model.dtype)
                 checkpoint = save_checkpoint(learners, out_dir, state, t.keep_checkpoints)
                 log.info("step %d: checkpoint %s", step, checkpoint)
     finally:
@@ -430,6 +444,32 @@ def rollout_spec(cfg: RLConfig, model_path: str):
                        seed=cfg.trainer.seed, vllm_log_level=r.vllm_log_level)
 
 
+def rollout_threads(cfg: RLConfig, num_workers: int) -> int:
+    """Compute threads per rollout engine (see :func:`rlsys.cluster.worker_threads`)."""
+    from rlsys.cluster import worker_threads
+
+    r = cfg.rollout
+    return worker_threads(r.num_threads, num_workers, r.num_cpus_per_worker)
+
+
+def learner_actor_options(cfg: RLConfig, num_workers: int) -> dict:
+    """Ray options of a learner rank: resources and compute threads (``num_workers`` ranks share
+    the machine's cores on a local cluster)."""
+    from rlsys.cluster import actor_options, worker_threads
+
+    lr = cfg.learner
+    return actor_options(lr.num_cpus_per_worker, lr.num_gpus_per_worker,
+                         num_threads=worker_threads(lr.num_threads, num_workers, lr.num_cpus_per_worker))
+
+
+def log_compute(cfg: RLConfig, learner_info: list[dict], rollout_info: list[dict]) -> None:
+    """One line: the dtype and threads every actor really runs with, and why that dtype."""
+    log.info("compute: learners %s, rollout engines %s (model.dtype %s: %s)",
+             ", ".join(f"{i['dtype']} x{i['threads']} threads" for i in learner_info),
+             ", ".join(f"{i['dtype']} x{i['threads']} threads" for i in rollout_info),
+             cfg.model.dtype, cfg.model.dtype_reason)
+
+
 def learner_spec(cfg: RLConfig, model_path: str):
     from rlsys.workers.learner import LearnerSpec
 
@@ -492,12 +532,18 @@ def step_metrics(rewards, correct, grades, gstats, tstats, gen_stats, groups, ti
     return m
 
 
-def log_step(step: int, total: int, m: dict[str, float]) -> None:
+def log_step(step: int, total: int, m: dict[str, float], progress: Optional[Progress] = None) -> None:
+    """One line per RL step: the step's numbers, its phase times, and (with ``progress``) the run's
+    elapsed time and ETA."""
+    timing = ""
+    if progress is not None:
+        progress.update(step, emit=False)
+        timing = f" | {progress.timing()}"
     log.info("step %d/%d  reward %.3f  success %.3f  mixed %.2f  focal %.3f  loss %+.4f  kl %.2e  "
-             "len %.1f  | rollout %.2fs reward %.2fs train %.2fs sync %.2fs (diff %.4f)",
+             "len %.1f  | rollout %.2fs reward %.2fs train %.2fs sync %.2fs (diff %.4f)%s",
              step, total, m["reward/mean"], m["reward/success_rate"], m["algo/mixed_group_fraction"],
              m["algo/focal_weight_mean"], m["train/loss"], m["train/approx_kl"], m["rollout/response_length"],
-             m["time/rollout"], m["time/reward"], m["time/train"], m["time/sync"], m["sync/logprob_diff"])
+             m["time/rollout"], m["time/reward"], m["time/train"], m["time/sync"], m["sync/logprob_diff"], timing)
 
 
 def log_samples(tokenizer, rows, groups, rewards, n: int, step: int, logger) -> None:

@@ -44,7 +44,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from rlsys.algo import pass_at_k
-from rlsys.config import ConfigError, RLConfig, absolute_paths, validate
+from rlsys.config import ConfigError, RLConfig, resolve, validate
+from rlsys.progress import Progress
 from rlsys.records import GRADE_ERROR, GRADE_INVALID, GRADE_STATUSES, GRADE_TIMEOUT, GradeRequest, PromptRow, \
     RolloutRequest
 
@@ -179,8 +180,11 @@ def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_
                 distinct[lo + i] = len(answers)
         return time.perf_counter() - t0
 
-    t_start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rlsys-{label}-grade") as pool:
+    # Progress per chunk: the first, then at most one line every ~15 s, and the last (one line for a
+    # single chunk); a tqdm bar instead when stderr is a terminal (rlsys.progress).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rlsys-{label}-grade") as pool, \
+            Progress(p, f"{label}: sampled", unit="prompt", logger=log,
+                     counts_fmt="{done}/{total} prompts x " + str(n) + " ({pct}%)") as progress:
         pending: Optional[Future] = None
         for lo in range(0, p, per_call):
             chunk = rows[lo:lo + per_call]
@@ -191,8 +195,7 @@ def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_
             if pending is not None:
                 grade_seconds += pending.result()
             pending = pool.submit(grade_chunk, lo, groups)
-            log.info("%s: sampled %d/%d prompts x %d (%.1f s)", label, min(lo + per_call, p), p, n,
-                     time.perf_counter() - t_start)
+            progress.update(lo + len(chunk))
         if pending is not None:
             grade_seconds += pending.result()
     return SampleGrades(prompt_ids=tuple(ids), correct=correct, rewards=rewards, lengths=lengths,
@@ -504,13 +507,13 @@ def make_reward_pool(cfg: RLConfig):
 
 def make_rollout_pool(cfg: RLConfig, model_path: str, *, temperature: float, max_tokens: int):
     """A RolloutPool from ``cfg.rollout`` with the given sampling temperature and response cap."""
-    from rlsys.driver import rollout_spec
+    from rlsys.driver import rollout_spec, rollout_threads
     from rlsys.workers.rollout import RolloutPool
 
     spec = dataclasses.replace(rollout_spec(cfg, model_path), temperature=temperature, max_tokens=max_tokens)
     r = cfg.rollout
     return RolloutPool(spec, r.num_workers, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
-                       timeout_s=r.timeout_s)
+                       timeout_s=r.timeout_s, num_threads=rollout_threads(cfg, r.num_workers))
 
 
 @contextmanager
@@ -607,7 +610,7 @@ def run_eval(cfg: RLConfig) -> EvalRun:
     """
     from rlsys import cluster
 
-    cfg = absolute_paths(cfg)  # paths reach actors, whose working directory is not ours
+    cfg = resolve(cfg)  # absolute paths (actors have another cwd), model.dtype for this hardware
     validate(cfg)  # includes 1 <= k <= eval.n for every eval.k
     e = cfg.eval
     if e.max_prompts_per_call is not None and e.max_prompts_per_call < 1:

@@ -35,7 +35,8 @@ What it logs. The training NLL per token of every step comes for free: the batch
 rollout log-probs 0, so the learner's ``rollout_logprob_diff`` metric (mean |log p_old - 0|) is the
 batch's NLL before the step. Every ``sft.log_every`` steps, and at the end, the NLL per token of a
 fixed held-out batch (train rows with fixed solutions, and ``test``-split rows) is measured with
-``compute_logprobs``.
+``compute_logprobs``. Between those points a progress line (the batch NLL, elapsed, ETA; at most one
+every 15 s, :mod:`rlsys.progress`) or, on a terminal, a tqdm bar shows how far it got.
 
 Caching. The result is a Hugging Face directory, by default
 ``<RLSYS_CACHE_DIR or ~/.cache/rlsys>/sft/<key>`` where ``key`` hashes everything that decides the
@@ -81,8 +82,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rlsys.config import ConfigError, RLConfig, absolute_paths, validate
+from rlsys.config import ConfigError, RLConfig, resolve, resolve_dtype, validate
 from rlsys.fsutil import file_lock, replace_dir
+from rlsys.progress import Progress
 from rlsys.records import PromptRow
 
 log = logging.getLogger("rlsys.sft")
@@ -181,7 +183,8 @@ def default_sft_dir(key: str, cache_dir: Optional[str | os.PathLike] = None) -> 
 
 
 def _train_dtype(cfg: RLConfig) -> str:
-    return cfg.sft.dtype or cfg.model.dtype
+    """``sft.dtype``, else ``model.dtype`` resolved for this hardware (``auto`` -> bf16 or fp32)."""
+    return cfg.sft.dtype or resolve_dtype(cfg).model.dtype
 
 
 def _micro_batch_size(cfg: RLConfig) -> int:
@@ -315,7 +318,7 @@ def warm_start(cfg: RLConfig) -> str:
     """
     from rlsys.driver import resolve_model_path
 
-    cfg = absolute_paths(cfg)  # paths reach actors, whose working directory is not ours
+    cfg = resolve(cfg)  # absolute paths (actors have another cwd), model.dtype for this hardware
     validate(cfg)
     validate_sft(cfg)
     if cfg.data.task is None:
@@ -436,8 +439,7 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
     """
     from transformers import AutoTokenizer
 
-    from rlsys import cluster
-    from rlsys.driver import encode_prompt, learner_spec
+    from rlsys.driver import encode_prompt, learner_actor_options, learner_spec
     from rlsys.tasks import get_task
     from rlsys.workers.learner import LearnerGroup
 
@@ -469,8 +471,7 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
         seed=s.seed, micro_batch_size=_micro_batch_size(cfg))
     t0 = time.perf_counter()
     learners = LearnerGroup(spec, cfg.learner.num_workers,
-                            actor_options=cluster.actor_options(cfg.learner.num_cpus_per_worker,
-                                                                cfg.learner.num_gpus_per_worker),
+                            actor_options=learner_actor_options(cfg, cfg.learner.num_workers),
                             call_timeout_s=cfg.learner.timeout_s)
     init_seconds = time.perf_counter() - t0
     log.info("SFT: %d %s examples, %d steps x %d rows, lr %g (warmup %d), %s, %d learner(s) up in %.1f s",
@@ -486,11 +487,15 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
     max_ratio_dev = 0.0
     skipped = 0
     step_seconds = old_seconds = 0.0
+    progress: Optional[Progress] = None
     try:
         first = heldout()
         curve.append({"step": 0, **first})
         log.info("SFT step 0: held-out NLL/token train %.3f test %.3f", first["train"], first["test"])
         t_train = time.perf_counter()
+        # Between the log_every points a line with the ETA about every 15 s (RLSYS_PROGRESS_INTERVAL_S),
+        # without extra held-out evaluations; a bar instead when stderr is a terminal.
+        progress = Progress(s.steps, "SFT step", logger=log)
         for step in range(1, s.steps + 1):
             batch = _nll_batch(*stream.next_batch(), pad_id)
             st = learners.train_step(learners.shard(batch, pad_id))
@@ -503,9 +508,12 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
                 h = heldout()
                 recent = float(np.mean(train_nll[-s.log_every:]))
                 curve.append({"step": step, "train_batch": recent, **h})
-                log.info("SFT step %d/%d: batch NLL/token %.3f | held-out train %.3f test %.3f | grad-norm %.2f "
-                         "lr %.2e | %.2f s/step", step, s.steps, recent, h["train"], h["test"], st.grad_norm,
-                         st.lr, (time.perf_counter() - t_train) / step)
+                progress.update(step, f"batch NLL/token {recent:.3f} (mean of {len(train_nll[-s.log_every:])}) | "
+                                      f"held-out train {h['train']:.3f} test {h['test']:.3f} | "
+                                      f"grad-norm {st.grad_norm:.2f} lr {st.lr:.2e}", emit=True)
+            else:
+                progress.update(step, f"batch NLL/token {st.rollout_logprob_diff:.3f}")
+        progress.close()
         train_seconds = time.perf_counter() - t_train
         if max_ratio_dev > 1e-3:
             # pi_old is recomputed on the same weights, so the ratio should be 1 to float precision;
@@ -518,6 +526,8 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
                         "raise rollout.max_tokens for RL", stream.longest_response, cfg.rollout.max_tokens)
         learners.save_hf(save_dir)
     finally:
+        if progress is not None:
+            progress.close()  # the bar, if any, before the shutdown's output
         learners.shutdown()
     final = curve[-1]
     return {
@@ -562,7 +572,7 @@ def evaluate_model(cfg: RLConfig, model_dir: str, splits: tuple[str, ...] = ("te
     from transformers import AutoTokenizer
 
     from rlsys.algo import pass_at_k
-    from rlsys.driver import encode_prompt, rollout_spec
+    from rlsys.driver import encode_prompt, rollout_spec, rollout_threads
     from rlsys.records import RolloutRequest
     from rlsys.tasks import get_task
     from rlsys.workers.rollout import RolloutPool
@@ -574,14 +584,18 @@ def evaluate_model(cfg: RLConfig, model_dir: str, splits: tuple[str, ...] = ("te
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
     spec = dataclasses.replace(rollout_spec(cfg, model_dir), seed=s.seed)
     pool = RolloutPool(spec, 1, num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
-                       timeout_s=cfg.rollout.timeout_s)
+                       timeout_s=cfg.rollout.timeout_s, num_threads=rollout_threads(cfg, 1))
     results: dict[str, Any] = {}
+    progress = Progress(len(splits) * s.eval_prompts, "SFT eval: sampled", unit="prompt", bar=False, logger=log,
+                        counts_fmt="{done}/{total} prompts x " + str(n) + " ({pct}%)")
     try:
         for split in splits:
             rows = task.generate(split, s.eval_prompts, seed=s.seed)
             reqs = [RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r))) for r in rows]
             seeds = {r.prompt_id: (s.seed * 1_000_003 + i) % (2**31) for i, r in enumerate(rows)}
+            log.info("SFT eval: sampling %d %s prompts x %d", len(rows), split, n)
             groups, _ = pool.generate(reqs, n, seeds)
+            progress.advance(len(rows), split, emit=True)
             correct, distinct, n_sol, formatted = [], [], [], 0
             samples = []
             for row, g in zip(rows, groups):

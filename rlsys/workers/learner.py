@@ -700,9 +700,10 @@ class Learner:
         """One optimizer step on this rank's share of the global batch; returns GLOBAL stats.
 
         pi_old: ``old_logprobs`` [N, L] if given (e.g. computed with :meth:`compute_logprobs` before
-        the first of several PPO mini-batches), else recomputed here with the current weights, so
-        the ratio starts at exactly 1 for a single-step-per-batch schedule. The rollout engine's
-        log-probs serve only the ``rollout_logprob_diff`` metric.
+        the first of several PPO mini-batches). Else pi_old is the current policy itself: each
+        micro-batch's own forward pass, detached, so the ratio is exactly 1 (a single step per batch)
+        and no separate no-grad pass over the batch is spent on it. The rollout engine's log-probs
+        serve the ``rollout_logprob_diff`` metric and truncated IS (``tis_cap``).
 
         Every micro-batch's loss uses ``batch.loss_normalizer``; with the scaling described in the
         module docstring the applied gradient is that of the full global-batch loss. A non-finite
@@ -716,9 +717,8 @@ class Learner:
         t0 = time.perf_counter()
         spec = self.spec
         n_micro = self._check_lockstep(batch, "train_step", [spec.micro_batch_size, self._logprob_mbs])[0]
-        if old_logprobs is None:
-            old = self._token_logprobs(self.engine, batch)
-        else:
+        old: Optional[np.ndarray] = None  # None: pi_old = this step's own forward, detached
+        if old_logprobs is not None:
             old = np.asarray(old_logprobs, dtype=np.float32)
             if old.shape != batch.input_ids.shape:
                 raise ValueError(f"learner rank {self.rank}, train_step: old_logprobs has shape {old.shape}, "
@@ -727,7 +727,7 @@ class Learner:
         old_seconds = time.perf_counter() - t0
 
         mask = batch.response_mask
-        diff_sum = float(np.abs(old - batch.rollout_logprobs)[mask].astype(np.float64).sum())
+        diff_sum = 0.0  # sum over response tokens of |pi_old - pi_rollout|
         need_entropy_grad = spec.entropy_coef > 0
         # Weighted sums (value * tokens) and extremes across micro-batches, reduced across ranks below.
         tok = loss_sum = pg = clip = akl = ent = rmean = kl = tis_w = tis_clip = 0.0
@@ -740,9 +740,12 @@ class Learner:
             self.engine.set_gradient_accumulation_boundary(k == n_micro - 1)
             ids, attn, resp = self._tensors(mb)
             lp, entropy = self.engine(ids, attn, resp, need_entropy_grad)
+            old_mb = lp.detach().float() if old is None else self._tensor(old[rows, :width])
+            rollout_mb = self._tensor(batch.rollout_logprobs[rows, :width])
+            diff_sum += float((old_mb - rollout_mb).abs()[resp].double().sum())
             loss, m = policy_loss(
                 lp,
-                self._tensor(old[rows, :width]),
+                old_mb,
                 self._tensor(mb.advantages),
                 resp,
                 loss_type=spec.loss_type,
@@ -755,7 +758,7 @@ class Learner:
                 agg=spec.agg,
                 normalizer=batch.loss_normalizer,
                 token_sum_constant=spec.token_sum_constant,
-                rollout_logprobs=self._tensor(batch.rollout_logprobs[rows, :width]) if spec.tis_cap else None,
+                rollout_logprobs=rollout_mb if spec.tis_cap else None,
                 tis_cap=spec.tis_cap,
             )
             value = float(loss.detach())
@@ -1282,8 +1285,10 @@ class _LearnerActor:
 
     def ready(self) -> dict[str, Any]:
         lr = self.learner
+        dtype = str(next(lr.engine.module.parameters()).dtype).removeprefix("torch.")
         return {"rank": lr.rank, "world_size": lr.world_size, "device": str(lr.device),
-                "init_seconds": lr.init_seconds, "pid": os.getpid()}
+                "init_seconds": lr.init_seconds, "pid": os.getpid(), "dtype": dtype,
+                "threads": torch.get_num_threads()}
 
     def train_step(self, batch: TrainBatch, old_logprobs: Optional[np.ndarray] = None) -> TrainStats:
         return self.learner.train_step(batch, old_logprobs)

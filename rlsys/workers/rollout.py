@@ -179,6 +179,13 @@ class RolloutEngine:
         self.weight_version = version
         return len(names)
 
+    def describe(self) -> dict:
+        """``{"dtype": the engine's model dtype, "threads": torch's intra-op threads, "pid"}``."""
+        import torch
+
+        dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        return {"dtype": dtype, "threads": torch.get_num_threads(), "pid": os.getpid()}
+
     def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
         """log p(token_t | tokens_<t) for t = 1..L-1 under the engine's current weights: [L - 1]."""
         from vllm import SamplingParams
@@ -237,6 +244,9 @@ class RolloutWorkerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def describe(self) -> dict:
+        return self.engine.describe()
 
     def scratch_files(self) -> dict:
         """Where this process runs and the files it leaves behind if it is killed without shutdown.
@@ -316,7 +326,7 @@ class RolloutPool:
 
     def __init__(self, spec: RolloutSpec, num_workers: int, num_cpus: float, num_gpus: float = 0.0,
                  timeout_s: float = 600.0, ready_timeout_s: float = 600.0, max_restarts: int = 3,
-                 restart_backoff_s: float = 0.5):
+                 restart_backoff_s: float = 0.5, num_threads: Optional[int] = None):
         import ray
 
         from rlsys.cluster import actor_options
@@ -327,7 +337,7 @@ class RolloutPool:
         self.timeout_s = float(timeout_s)
         self.ready_timeout_s = float(ready_timeout_s)
         self._remote_cls = ray.remote(RolloutWorkerActor)
-        self._actor_options = actor_options(num_cpus, num_gpus)
+        self._actor_options = actor_options(num_cpus, num_gpus, num_threads=num_threads)
         self._budget = RestartBudget("rollout", num_workers,
                                      RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff_s),
                                      "rollout.max_restarts")
@@ -542,6 +552,12 @@ class RolloutPool:
         results, _ = self._run({i: (lambda w: w.sequence_logprobs.remote(token_ids)) for i in targets},
                                "sync check")
         return [results[i] for i in targets]
+
+    def describe(self) -> list[dict]:
+        """Per worker: the dtype its engine computes in and its compute threads (what really runs)."""
+        import ray
+
+        return ray.get([w.describe.remote() for w in self.workers], timeout=60)
 
     def shutdown(self) -> None:
         """Shut every engine down, kill the actors, remove files a killed engine left (idempotent)."""

@@ -48,8 +48,8 @@ def digit_data(tmp_path: Path, n: int = 32) -> list[str]:
     return ["data=file", f"data.path={path}", f"data.verifier={DIGIT}", f"reward.allowed_functions=[{DIGIT}]"]
 
 
-def run_train(tmp_path: Path, *overrides: str, timeout: int = 900,
-              relative_output: bool = False) -> tuple[subprocess.CompletedProcess, list]:
+def run_train(tmp_path: Path, *overrides: str, timeout: int = 900, relative_output: bool = False,
+              env: dict | None = None) -> tuple[subprocess.CompletedProcess, list]:
     """Run the training CLI (from the repository root) with ``run.output_dir`` = ``tmp_path/run``,
     given as a path relative to the root when ``relative_output``; return the process result and any
     off-loopback listeners it had."""
@@ -58,7 +58,7 @@ def run_train(tmp_path: Path, *overrides: str, timeout: int = 900,
         out = Path(os.path.relpath(out, ROOT))
     cmd = [sys.executable, "-m", "rlsys.train", f"run.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
            *SMALL, *overrides]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     bad: list = []
@@ -155,11 +155,43 @@ def check_run(tmp_path: Path, res: subprocess.CompletedProcess, bad: list, steps
     return rows
 
 
+def compute_line(stdout: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """The driver's "compute:" line, as reported by the actors themselves: [(dtype, threads)] of
+    the learners and of the rollout engines."""
+    m = re.search(r"compute: learners (.*), rollout engines (.*) \(model\.dtype", stdout)
+    assert m, stdout[-4000:]
+    parse = lambda part: [(d, int(t)) for d, t in re.findall(r"(\w+) x(\d+) threads", part)]  # noqa: E731
+    return parse(m.group(1)), parse(m.group(2))
+
+
+def assert_dtype_everywhere(tmp_path: Path, stdout: str, dtype: str) -> None:
+    """The resolved dtype is what vLLM and the learners run, and what the metrics, the run config and
+    the checkpoint record."""
+    learners, engines = compute_line(stdout)
+    assert learners and engines and {d for d, _ in learners + engines} == {dtype}, (learners, engines)
+    assert all(r["run/bf16"] == int(dtype == "bfloat16") for r in metrics_of(tmp_path))
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    assert json.loads((ckpt / "config.json").read_text())["dtype"] == dtype
+    assert json.loads((ckpt / "driver_state.json").read_text())["dtype"] == dtype
+    # The offline W&B run keeps its config as JSON inside the run file's records: the resolved dtype
+    # and its reason are in the run config.
+    record = next((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert f'"dtype":"{dtype}","dtype_reason":"'.encode() in record
+
+
 def test_train_one_worker_each(tmp_path):
     # A relative run.output_dir, as users type it: the learners' process-group file and the checkpoints
     # live under it, and the actors' working directory is not the driver's.
-    res, bad = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path), relative_output=True)
+    # With PyTorch and oneDNN capped at AVX2 (an AVX2-only CPU, emulated on any x86 machine) the default
+    # model.dtype=auto must resolve to float32, and every actor must run float32.
+    res, bad = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path), relative_output=True,
+                         env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     check_run(tmp_path, res, bad)
+    assert "model.dtype=auto: cpu: " in res.stdout and "-> float32" in res.stdout
+    assert_dtype_everywhere(tmp_path, res.stdout, "float32")
+    # One learner and one engine: each phase runs alone, so each gets every core of the machine.
+    learners, engines = compute_line(res.stdout)
+    assert learners == [("float32", len(os.sched_getaffinity(0)))] and engines == learners
     from transformers import AutoModelForCausalLM
 
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
@@ -174,6 +206,12 @@ def test_train_two_learners_two_rollout_workers(tmp_path, zero_stage):
                          "rollout.num_workers=2", "cluster.num_cpus=6", "learner.micro_batch_size=2",
                          *tis, *digit_data(tmp_path))
     rows = check_run(tmp_path, res, bad)
+    # Uncapped: auto resolves to this machine's native choice; 2 ranks / 2 engines share the cores.
+    from rlsys.config import RLConfig, resolve_dtype
+
+    assert_dtype_everywhere(tmp_path, res.stdout, resolve_dtype(RLConfig()).model.dtype)
+    cores = len(os.sched_getaffinity(0))
+    assert [t for _, t in compute_line(res.stdout)[0]] == [max(1, cores // 2)] * 2
     for r in rows:
         if tis:
             # vLLM (bf16) and the learner disagree by ~0.01 nats/token, so the weights sit near 1.

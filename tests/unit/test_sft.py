@@ -88,11 +88,15 @@ def test_key_ignores_settings_that_cannot_change_the_weights(base, section, fiel
 
 
 def test_sft_dtype_none_means_model_dtype(base):
+    from rlsys.config import resolve_dtype
+
     cfg = RLConfig()
     cfg.sft.dtype = None
-    implicit = key_of(cfg, base)
-    cfg.sft.dtype = cfg.model.dtype
+    implicit = key_of(cfg, base)  # model.dtype=auto, resolved for this machine
+    cfg.sft.dtype = resolve_dtype(cfg).model.dtype
     assert key_of(cfg, base) == implicit
+    cfg.sft.dtype = "float32" if cfg.sft.dtype == "bfloat16" else "bfloat16"
+    assert key_of(cfg, base) != implicit
 
 
 def test_key_depends_on_the_base_model(tmp_path, base):
