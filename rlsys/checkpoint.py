@@ -10,12 +10,14 @@ Layout of ``<run.output_dir>/checkpoints/step_NNNNNN/``::
 A step directory is built under a hidden temporary name and renamed into place only when every
 part is written, so a directory named ``step_*`` is always complete: a run killed while saving
 leaves only a ``.step_*.tmp-*`` directory, which is never picked and is swept on the next save.
+A run stopped by SIGINT / SIGTERM removes its temporary directory before it exits (rlsys.signals).
 Nothing here unpickles: tensors are safetensors, everything else JSON.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from rlsys import signals
 from rlsys.fsutil import replace_dir
 from rlsys.sampler import SamplerState
 
@@ -31,6 +34,7 @@ STATE_FILE = "driver_state.json"
 LEARNER_STATE_DIR = "learner_state"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+log = logging.getLogger("rlsys.checkpoint")
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,15 @@ def step_dir(out_dir: str | os.PathLike, step: int) -> Path:
 
 
 def begin(out_dir: str | os.PathLike, step: int) -> Path:
-    """A fresh hidden temporary directory to build step ``step``'s checkpoint in."""
+    """A fresh hidden temporary directory to build step ``step``'s checkpoint in (leftovers of a
+    killed earlier save are removed first). A stop (rlsys.signals) before :func:`commit` removes it."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    sweep_partial(root.parent)
     tmp = root / f".step_{step:06d}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    signals.track_partial(tmp)
+    log.debug("writing step %d into %s", step, tmp)
     return tmp
 
 
@@ -84,15 +92,25 @@ def commit(tmp: Path, state: DriverState, keep: int) -> Path:
         os.fsync(fh.fileno())
     final = tmp.parent / f"step_{state.step:06d}"
     replace_dir(tmp, final)  # re-saving a step after a resume replaces the older copy
+    signals.untrack_partial(tmp)
     _fsync_dir(tmp.parent)
     rotate(tmp.parent, keep)
     return final
 
 
+def sweep_partial(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove the hidden leftovers of interrupted saves (``.step_*.tmp-*``, ``.step_*.old-*``)
+    under ``out_dir/checkpoints``; returns what was removed."""
+    root = Path(out_dir) / "checkpoints"
+    stale = sorted(root.glob(".step_*")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def rotate(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, and leftover temporary directories."""
-    for stale in root.glob(".step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    sweep_partial(root.parent)
     for old in complete_checkpoints(root.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
+
+from rlsys import signals
 
 log = logging.getLogger("rlsys.cluster")
 _started_here = False  # connect() started the local cluster this process is attached to
@@ -60,12 +63,14 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
             log_to_driver=True,
             configure_logging=False,
         )
+        signals.reinstall()  # ray.init put its own native SIGTERM handler (abort, exit 134) over ours
         log.info("started a local loopback-only Ray cluster with %d CPUs", cpus)
         _started_here = True
         return True
     _started_here = False
     ray.init(address=address, namespace=namespace, log_to_driver=True,
              configure_logging=False)
+    signals.reinstall()
     log.info("joined the Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU"))
     return False
 
@@ -73,7 +78,8 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
 @contextmanager
 def session(address: Optional[str], num_cpus: Optional[int] = None, namespace: str = "rlsys") -> Iterator[int]:
     """``with session(...) as cpus:`` start or join Ray (see ``connect``); yields the cluster's CPU
-    count and shuts down on exit only a cluster this call started."""
+    count and shuts down on exit only a cluster this call started, also when a signal stops the job
+    (rlsys.signals; a joined cluster keeps running: only this job's actors were killed)."""
     started = connect(address, num_cpus, namespace)
     try:
         yield available_cpus()
@@ -82,8 +88,11 @@ def session(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
             import ray
 
             global _started_here
+            t0 = time.perf_counter()
             ray.shutdown()
             _started_here = False
+            if signals.stopping():
+                log.info("stopped the local Ray cluster in %.1f s", time.perf_counter() - t0)
 
 
 def actor_options(num_cpus: float, num_gpus: float = 0.0, name: Optional[str] = None,

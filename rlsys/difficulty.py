@@ -305,17 +305,19 @@ def _main() -> None:
     from omegaconf import DictConfig
 
     from rlsys.config import register_configs, to_dataclass
-    from rlsys.hydra_app import CONF_DIR, fail, setup_logging
+    from rlsys.hydra_app import CONF_DIR, fail, setup_logging, stop_on_signals
 
     register_configs()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def app(dcfg: DictConfig) -> None:
         setup_logging()
-        try:
-            run = run_difficulty(to_dataclass(dcfg))
-        except ConfigError as err:
-            fail(str(err))
+        with stop_on_signals("rlsys.difficulty") as status:  # SIGINT / SIGTERM: stop in seconds, exit 130 / 143
+            status.phase = "difficulty"
+            try:
+                run = run_difficulty(to_dataclass(dcfg))
+            except ConfigError as err:
+                fail(str(err))
         print("\n" + run.text)
         print(f"  annotated: {run.annotated}\n  selected:  {run.selected}\n  summary:   {run.summary_path}\n"
               f"  histogram: {run.histogram_png}")

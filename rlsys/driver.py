@@ -23,6 +23,7 @@ import torch
 
 from rlsys import algo
 from rlsys import checkpoint as ckpt
+from rlsys import signals
 from rlsys.config import ConfigError, RLConfig, local_cluster_cpus, resolve, validate
 from rlsys.eval import EvalResult, eval_metrics, load_eval_rows
 from rlsys.progress import Progress
@@ -53,6 +54,7 @@ def timed(times: dict[str, float], phase: str) -> Iterator[None]:
     meanwhile (all processes; on a local cluster that is the job's actors; nan without /proc/stat)."""
     from rlsys.hardware import cpu_times, utilisation
 
+    signals.set_phase(phase)  # named by the stop line if a signal arrives now
     t0, c0 = time.perf_counter(), cpu_times()
     try:
         yield
@@ -69,6 +71,7 @@ def train(cfg: RLConfig) -> RunSummary:
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)  # values only; resources are checked once the cluster is known
+    signals.set_phase("start-up", total_steps=cfg.trainer.total_steps)
     with cluster.session(cfg.cluster.address, local_cluster_cpus(cfg), cfg.cluster.namespace) as cpus:
         validate(cfg, available_cpus=cpus)
         return _train(cfg, out_dir)
@@ -142,12 +145,14 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
     try:
         if t.eval_at_start_end and not state:
             # Row step 0 of metrics.jsonl: the starting policy, before any update.
+            signals.set_phase("eval", step=0)
             evals["start"] = run_evaluation(cfg, eval_rows, tokenizer, rollout, reward_pool, logger, 0, "start")
             eval_before = dict(evals["start"].pass_at_k)
             logger.log(0, eval_metrics(evals["start"]))
 
         progress = Progress(t.total_steps, "step", initial=start_step - 1, bar=False, logger=log)  # ETA in log_step
         for step in range(start_step, t.total_steps + 1):
+            signals.status.step = step
             times: dict[str, float] = {}
             step_t0 = time.perf_counter()
 
@@ -212,6 +217,7 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
 
             # ---- 6. checkpoint ------------------------------------------------------------------------
             if (t.save_every and step % t.save_every == 0) or step == t.total_steps:
+                signals.set_phase("checkpoint")
                 state = ckpt.DriverState(step=step, sampler=sampler.state(), weight_version=version,
                                          wandb_run_id=logger.run_id, skipped_in_a_row=skipped_in_a_row,
                                          first_reward=first_reward, eval_before=eval_before,
@@ -219,10 +225,17 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
                 checkpoint = save_checkpoint(learners, out_dir, state, t.keep_checkpoints)
                 log.info("step %d: checkpoint %s", step, checkpoint)
     finally:
-        logger.close()
+        # On a stop (rlsys.signals) the pools kill their actors at once (nothing then writes to the
+        # checkpoint being removed); the metrics logger closes after them.
+        stopping = signals.stopping()
+        if not stopping:
+            signals.set_phase("shut-down")
+            logger.close()
         rollout.shutdown()
         reward_pool.shutdown()
         learners.shutdown()
+        if stopping:
+            logger.close()
     plot = ""
     if evals:
         from rlsys.eval import plot_pass_at_k
@@ -277,9 +290,11 @@ def collect_groups(cfg: RLConfig, step: int, rows: list[PromptRow], requests: di
         idx = sampler.take(want)
         chosen = [rows[i] for i in idx]
         seeds = {r.prompt_id: sample_seed(cfg.trainer.seed, step, r.prompt_id, rounds) for r in chosen}
+        signals.set_phase("generate")
         groups, st = rollout.generate([requests[r.prompt_id] for r in chosen], a.group_size, seeds)
         gen_stats.extend(st)
         t0 = time.perf_counter()
+        signals.set_phase("grade")
         grades = reward_pool.grade([
             GradeRequest(g.prompt_id, j, c.text, r.answer, r.verifier)
             for r, g in zip(chosen, groups) for j, c in enumerate(g.completions)])
@@ -540,10 +555,12 @@ def log_step(step: int, total: int, m: dict[str, float], progress: Optional[Prog
         progress.update(step, emit=False)
         timing = f" | {progress.timing()}"
     log.info("step %d/%d  reward %.3f  success %.3f  mixed %.2f  focal %.3f  loss %+.4f  kl %.2e  "
-             "len %.1f  | rollout %.2fs reward %.2fs train %.2fs sync %.2fs (diff %.4f)%s",
+             "len %.1f  | rollout %.2fs reward %.2fs train %.2fs sync %.2fs (diff %.4f) | cpu rollout %.0f%% "
+             "train %.0f%%%s",
              step, total, m["reward/mean"], m["reward/success_rate"], m["algo/mixed_group_fraction"],
              m["algo/focal_weight_mean"], m["train/loss"], m["train/approx_kl"], m["rollout/response_length"],
-             m["time/rollout"], m["time/reward"], m["time/train"], m["time/sync"], m["sync/logprob_diff"], timing)
+             m["time/rollout"], m["time/reward"], m["time/train"], m["time/sync"], m["sync/logprob_diff"],
+             100 * m.get("cpu/rollout", float("nan")), 100 * m.get("cpu/train", float("nan")), timing)
 
 
 def log_samples(tokenizer, rows, groups, rewards, n: int, step: int, logger) -> None:

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from rlsys.algo import pass_at_k
+from rlsys import signals
 from rlsys.config import ConfigError, RLConfig, resolve, validate
 from rlsys.progress import Progress
 from rlsys.records import GRADE_ERROR, GRADE_INVALID, GRADE_STATUSES, GRADE_TIMEOUT, GradeRequest, PromptRow, \
@@ -536,7 +537,8 @@ def eval_pools(cfg: RLConfig, model_path: str, rows: Sequence[PromptRow], *, tem
                               f"{err}") from None
     t0 = time.perf_counter()
     # The vLLM engine and the verifier sandboxes take seconds each to start: overlap them.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsys-rollout-start") as ex:
+    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsys-rollout-start")
+    try:
         rollout_future = ex.submit(make_rollout_pool, cfg, model_path, temperature=temperature, max_tokens=max_tokens)
         reward_pool = None
         try:
@@ -545,13 +547,17 @@ def eval_pools(cfg: RLConfig, model_path: str, rows: Sequence[PromptRow], *, tem
         except BaseException:
             if reward_pool is not None:
                 reward_pool.shutdown()
-            _shutdown_once_started(rollout_future)
+            if not signals.stopping():
+                _shutdown_once_started(rollout_future)
             raise
         try:
             rollout_pool = rollout_future.result()
         except BaseException:
             reward_pool.shutdown()
             raise
+    finally:
+        # On Ctrl-C / SIGTERM never wait for an engine still starting: the stop kills its actor.
+        ex.shutdown(wait=not signals.stopping(), cancel_futures=True)
     log.info("actors up in %.1f s: %d rollout, %d reward workers", time.perf_counter() - t0,
              rollout_pool.num_workers, reward_pool.num_workers)
     try:
@@ -665,17 +671,19 @@ def _main() -> None:
     from omegaconf import DictConfig
 
     from rlsys.config import register_configs, to_dataclass
-    from rlsys.hydra_app import CONF_DIR, fail, setup_logging
+    from rlsys.hydra_app import CONF_DIR, fail, setup_logging, stop_on_signals
 
     register_configs()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def app(dcfg: DictConfig) -> None:
         setup_logging()
-        try:
-            run = run_eval(to_dataclass(dcfg))
-        except ConfigError as err:
-            fail(str(err))
+        with stop_on_signals("rlsys.eval") as status:  # SIGINT / SIGTERM: stop in seconds, exit 130 / 143
+            status.phase = "eval"
+            try:
+                run = run_eval(to_dataclass(dcfg))
+            except ConfigError as err:
+                fail(str(err))
         print("\n" + run.table)
         print(f"  json: {run.paths.json}\n  csv:  {run.paths.csv}\n  plot: {run.paths.png}")
 

@@ -29,6 +29,18 @@ def setup_logging() -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("vllm", "ray", "deepspeed", "urllib3", "filelock", "httpx", "wandb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # RLSYS_DEBUG=name,...: DEBUG for those loggers (rlsys.signals logs each phase the job enters).
+    for name in filter(None, (n.strip() for n in os.environ.get("RLSYS_DEBUG", "").split(","))):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+def stop_on_signals(app: str):
+    """``with stop_on_signals("rlsys.train") as status:`` -- the context every entry point runs its
+    work in: SIGINT / SIGTERM stop it within seconds, with one line naming the last checkpoint and
+    the resume command, and exit 130 / 143 (rlsys.signals). ``status`` is for the run to fill in."""
+    from rlsys import signals
+
+    return signals.stop_on_signals(app)
 
 
 def fail(msg: str, code: int = 2) -> None:

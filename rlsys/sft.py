@@ -82,6 +82,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from rlsys import signals
 from rlsys.config import ConfigError, RLConfig, resolve, resolve_dtype, validate
 from rlsys.fsutil import file_lock, replace_dir
 from rlsys.progress import Progress
@@ -497,6 +498,7 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
         # without extra held-out evaluations; a bar instead when stderr is a terminal.
         progress = Progress(s.steps, "SFT step", logger=log)
         for step in range(1, s.steps + 1):
+            signals.set_phase("sft", step=step, total_steps=s.steps)  # named by the stop line on Ctrl-C
             batch = _nll_batch(*stream.next_batch(), pad_id)
             st = learners.train_step(learners.shard(batch, pad_id))
             skipped += int(st.skipped)
@@ -646,19 +648,21 @@ def main() -> None:
     from omegaconf import DictConfig
 
     from rlsys.config import register_configs, to_dataclass
-    from rlsys.hydra_app import CONF_DIR, fail, setup_logging
+    from rlsys.hydra_app import CONF_DIR, fail, setup_logging, stop_on_signals
 
     register_configs()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _app(dcfg: DictConfig) -> None:
         setup_logging()
-        try:
-            cfg = to_dataclass(dcfg)
-            t0 = time.perf_counter()
-            path = warm_start(cfg)
-        except ConfigError as e:
-            fail(str(e))
+        with stop_on_signals("rlsys.sft") as status:  # SIGINT / SIGTERM: stop in seconds, exit 130 / 143
+            try:
+                cfg = to_dataclass(dcfg)
+                status.phase = "sft"
+                t0 = time.perf_counter()
+                path = warm_start(cfg)
+            except ConfigError as e:
+                fail(str(e))
         rep = read_report(path) or {}
         print(f"\nrlsys: SFT warm start ready in {time.perf_counter() - t0:.1f} s: {path}")
         print(f"  trained {rep.get('steps')} steps in {rep.get('train_seconds', float('nan')):.0f} s; held-out "

@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlsys.config import ConfigError, register_configs, to_dataclass
-from rlsys.hydra_app import CONF_DIR, fail, setup_logging
+from rlsys.hydra_app import CONF_DIR, fail, setup_logging, stop_on_signals
 
 register_configs()
 
@@ -22,13 +22,21 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(dcfg: DictConfig) -> None:
     setup_logging()
-    from rlsys.driver import train
+    # SIGINT / SIGTERM: stop within seconds, name the last checkpoint and the resume command, exit 130 / 143.
+    with stop_on_signals("rlsys.train") as status:
+        import os
+        import sys
 
-    try:
-        cfg = to_dataclass(dcfg)
-        summary = train(cfg)
-    except ConfigError as e:
-        fail(str(e))
+        from rlsys.driver import train
+        from rlsys.signals import rerun_command
+
+        try:
+            cfg = to_dataclass(dcfg)
+            status.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
+            status.command = rerun_command("rlsys.train", sys.argv[1:], status.output_dir)
+            summary = train(cfg)
+        except ConfigError as e:
+            fail(str(e))
     print(format_summary(summary))
 
 

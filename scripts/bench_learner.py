@@ -132,6 +132,8 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto", help="model.dtype (auto resolves for this machine)")
+    ap.add_argument("--model", default=None, help="a model directory (default: the SFT warm start, built if "
+                    "missing; any checkpoint of the same shape times the same)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -145,7 +147,7 @@ def main() -> int:
     cfg = RLConfig()
     cfg = resolve(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=args.dtype)))
     cores = cluster.machine_cores()
-    model_path = policy_model_path(cfg)  # the SFT warm start (cached after the first run)
+    model_path = args.model or policy_model_path(cfg)  # the SFT warm start (cached after the first run)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)

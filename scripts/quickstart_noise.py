@@ -26,6 +26,7 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -65,13 +66,19 @@ def run_seed(seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
     if res.returncode != 0:
         raise RuntimeError(f"seed {seed} failed with exit code {res.returncode}; see {log_path}")
     before, after, steps = eval_rows(run_dir / "metrics.jsonl")
-    warm = re.search(r"SFT warm start: (?:reusing|wrote) (\S+)", log_path.read_text())
+    text = log_path.read_text()
+    warm = re.search(r"SFT warm start: (?:reusing|wrote) (\S+)", text)
+    dtype = re.search(r"model\.dtype=auto: (.*)", text)
+    phases = {k: statistics.median(r[k] for r in steps if isinstance(r.get(k), (int, float)))
+              for k in ("time/step", "time/rollout", "time/reward", "time/train", "time/sync", "cpu/rollout",
+                        "cpu/train") if any(isinstance(r.get(k), (int, float)) for r in steps)}
     ks = sorted(int(k.split("@")[1]) for k in before if k.startswith("eval/pass@") and not k.endswith("_stderr"))
     result = {"seed": seed, "command": "python " + shlex.join(cmd[1:]), "seconds": seconds,
               "before": {k: before[f"eval/pass@{k}"] for k in ks}, "after": {k: after[f"eval/pass@{k}"] for k in ks},
               "stderr_after": {k: after[f"eval/pass@{k}_stderr"] for k in ks},
               "num_problems": after["eval/num_problems"], "steps": len(steps),
-              "warm_start": warm.group(1) if warm else None,
+              "warm_start": warm.group(1) if warm else None, "dtype": dtype.group(1) if dtype else None,
+              "phase_medians": phases,
               "train_reward_first": steps[0]["reward/mean"], "train_reward_last": steps[-1]["reward/mean"]}
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     done.write_text(json.dumps(result, indent=2) + "\n")
@@ -98,11 +105,19 @@ def report(results: list[dict[str, Any]], out: Path, argv: list[str]) -> str:
              "its seed: the default job (F-GRPO gamma 0.5 on countdown from the cached SFT warm start), evaluated "
              f"before and after training on the same {results[0]['num_problems']:.0f} held-out problems with the "
              f"same sampling seeds. Warm start: `{results[0].get('warm_start')}`.", "",
+             f"CPU: {_cpu_kind()}; model.dtype=auto resolved to: {results[0].get('dtype')}.", "",
              "| seed | " + " | ".join(f"pass@{k} before -> after" for k in ks) + " | pass@1 gain | train reward first -> last | wall |",
              "|---|" + "---|" * (len(ks) + 3)]
     for r, g in zip(results, gains):
         lines.append(f"| {r['seed']} | " + " | ".join(f"{r['before'][str(k)]:.3f} -> {r['after'][str(k)]:.3f}" for k in ks)
                      + f" | {g:+.3f} | {r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f} | {r['seconds']:.0f} s |")
+    med = [r.get("phase_medians") or {} for r in results]
+    if all(med):
+        keys = list(med[0])
+        lines += ["", "Per-step medians (seconds; cpu = fraction of all cores busy in the phase):", "",
+                  "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {r['seed']} | " + " | ".join(f"{m.get(k, float('nan')):.2f}" for k in keys) + " |"
+                  for r, m in zip(results, med)]
     verdict = ("larger than" if g_mean > g_std else "NOT larger than")
     lines += ["",
               f"- pass@1 before: {before:.3f} (identical for every seed: same model, problems and sampling seeds).",
@@ -118,6 +133,19 @@ def report(results: list[dict[str, Any]], out: Path, argv: list[str]) -> str:
     (out / "results.json").write_text(json.dumps({"runs": results, "gain_mean": g_mean, "gain_std": g_std,
                                                   "after_mean": a_mean, "after_std": a_std}, indent=2) + "\n")
     return text
+
+
+def _cpu_kind() -> str:
+    """This machine's CPU kind as the runs saw it (an AVX2-only CPU can be emulated by env caps)."""
+    import os
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    kind = "AVX-512 with native bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "AVX2-only"
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ}
+    if caps:
+        kind += " emulating AVX2-only (" + " ".join(f"{k}={v}" for k, v in caps.items()) + ")"
+    return f"{kind}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -517,12 +517,17 @@ class RewardPool:
         return totals
 
     def shutdown(self) -> None:
-        """Close every actor's verifier processes and kill the actors (idempotent, best effort)."""
+        """Close every actor's verifier processes and kill the actors (idempotent, best effort).
+
+        When the job is being stopped by a signal (rlsys.signals) the actors are killed at once
+        (their verifier processes die with them: PR_SET_PDEATHSIG and a parent watch)."""
         import ray
+
+        from rlsys.signals import stopping
 
         actors, self._actors = self._actors, []
         refs = []
-        for actor in actors:
+        for actor in [] if stopping() else actors:
             try:
                 refs.append(actor.close.remote())
             except Exception:  # noqa: BLE001 - a dead actor cannot be closed; it is killed below

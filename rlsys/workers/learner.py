@@ -1499,12 +1499,18 @@ class LearnerGroup:
             raise
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Leave the process group, kill the actors, remove the rendezvous file. Idempotent."""
+        """Leave the process group, kill the actors, remove the rendezvous file. Idempotent.
+
+        When the job is being stopped by a signal (rlsys.signals) the actors are killed without
+        the graceful close, which would queue behind a train step (or a collective) still running."""
         import ray
 
+        from rlsys.signals import stopping
+
         if self.actors:
-            refs = [a.close.remote() for a in self.actors]
-            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            if not stopping():
+                refs = [a.close.remote() for a in self.actors]
+                ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
             for a in self.actors:
                 ray.kill(a, no_restart=True)
             self.actors = []

@@ -560,14 +560,21 @@ class RolloutPool:
         return ray.get([w.describe.remote() for w in self.workers], timeout=60)
 
     def shutdown(self) -> None:
-        """Shut every engine down, kill the actors, remove files a killed engine left (idempotent)."""
+        """Shut every engine down, kill the actors, remove files a killed engine left (idempotent).
+
+        When the job is being stopped by a signal (rlsys.signals) the engines are killed without
+        the graceful call, which would queue behind a generate call still running."""
         import ray
 
+        from rlsys.signals import stopping
+
+        graceful = not stopping()
         for i, w in enumerate(self.workers):
-            try:
-                ray.get(w.shutdown.remote(), timeout=60)
-            except Exception as e:  # noqa: BLE001 - best effort at teardown, logged
-                log.warning("rollout worker %d shutdown failed: %s", i, short_error(e, 200))
+            if graceful:
+                try:
+                    ray.get(w.shutdown.remote(), timeout=60)
+                except Exception as e:  # noqa: BLE001 - best effort at teardown, logged
+                    log.warning("rollout worker %d shutdown failed: %s", i, short_error(e, 200))
             self._retire(i)
         self.workers = []
         self._weights = None
