@@ -109,7 +109,11 @@ class ProcessSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = descendants()
-            self.seen.update(now)
+            for pid, cmd in now.items():
+                # A reaped-late runner reads as a zombie with an empty cmdline: keep what it was seen
+                # running as (a pid only ever seen with an empty cmdline is still recorded as such).
+                if cmd or pid not in self.seen:
+                    self.seen[pid] = cmd
             self.peak = max(self.peak, len(now))
             time.sleep(0.005)
 
