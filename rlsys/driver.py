@@ -225,17 +225,14 @@ def _train(cfg: RLConfig, out_dir: Path) -> RunSummary:
                 checkpoint = save_checkpoint(learners, out_dir, state, t.keep_checkpoints)
                 log.info("step %d: checkpoint %s", step, checkpoint)
     finally:
-        # On a stop (rlsys.signals) the pools kill their actors at once (nothing then writes to the
-        # checkpoint being removed); the metrics logger closes after them.
-        stopping = signals.stopping()
-        if not stopping:
+        # Pools first: on a stop (rlsys.signals) they kill their actors at once, so nothing writes into
+        # the checkpoint being removed; the metrics logger closes last. A stop keeps the phase it hit.
+        if not signals.stopping():
             signals.set_phase("shut-down")
-            logger.close()
         rollout.shutdown()
         reward_pool.shutdown()
         learners.shutdown()
-        if stopping:
-            logger.close()
+        logger.close()
     plot = ""
     if evals:
         from rlsys.eval import plot_pass_at_k
