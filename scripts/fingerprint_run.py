@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,8 @@ def checkpoint_hashes(ckpt_root: Path) -> dict[str, str]:
         rel = str(f.relative_to(ckpt_root))
         if f.name in VOLATILE_FILES:
             out[rel] = json.dumps(stable_driver_state(f), sort_keys=True)
+        elif f.suffix == ".json" and f.stat().st_size < 100_000:
+            out[rel] = json.dumps(json.loads(f.read_text()), sort_keys=True)  # readable when it differs
         else:
             out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
@@ -101,8 +104,17 @@ def diff(a: dict[str, Any], b: dict[str, Any], ignore_keys: tuple[str, ...]) -> 
     ca, cb = a["checkpoints"], b["checkpoints"]
     for f in sorted(set(ca) | set(cb)):
         if ca.get(f) != cb.get(f):
-            problems.append(f"checkpoint file {f}: {str(ca.get(f, '<missing>'))[:80]} vs {str(cb.get(f, '<missing>'))[:80]}")
+            problems.append(f"checkpoint file {f}: {_differing(ca.get(f), cb.get(f))}")
     return problems
+
+
+def _differing(a: str | None, b: str | None) -> str:
+    """The first differing region of two recorded values (JSON text or hashes)."""
+    if a is None or b is None:
+        return f"{str(a)[:80]} vs {str(b)[:80]}"
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    lo = max(0, i - 60)
+    return f"...{a[lo:i + 60]}... vs ...{b[lo:i + 60]}..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore", nargs="*", default=[], help="metric key prefixes allowed to differ (e.g. train/kl)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="rlsys-fingerprint-") as tmp:
-        fp = run(args.overrides, Path(tmp))
+    # A fixed work directory: paths recorded in the checkpoint (model path, run dir) are then equal.
+    work = Path(tempfile.gettempdir()) / "rlsys-fingerprint-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        fp = run(args.overrides, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     args.out.write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.out}: {len(fp['metrics'])} metric rows, {len(fp['checkpoints'])} checkpoint files")
     if args.compare:
