@@ -41,6 +41,25 @@ VOLATILE_PREFIXES = ("time/", "cpu/", "progress/")
 VOLATILE_SUBSTRINGS = ("seconds", "per_s", "_s_", "eta")
 # Checkpoint files that record wall-clock facts (when, how long) next to the state.
 VOLATILE_FILES = ("driver_state.json",)
+# Keys of the learner-state manifests that differ between identical runs: the write time, and numpy's
+# global RNG, which each rank saves for resume but nothing in training draws from (it is seeded from
+# the OS); the torch RNG states, which training does use, are in the hashed .safetensors files.
+VOLATILE_JSON_KEYS = ("created_unix", "numpy")
+
+
+def _stable_json(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _stable_json(v) for k, v in sorted(obj.items()) if k not in VOLATILE_JSON_KEYS}
+    if isinstance(obj, list):
+        return [_stable_json(v) for v in obj]
+    return obj
+
+
+def _normalised(value: str | None) -> str | None:
+    """A recorded value with the volatile JSON keys dropped (hashes pass through unchanged)."""
+    if value is None or not value.startswith(("{", "[")):
+        return value
+    return json.dumps(_stable_json(json.loads(value)), sort_keys=True)
 
 
 def stable_metrics(path: Path) -> list[dict[str, Any]]:
@@ -66,7 +85,7 @@ def checkpoint_hashes(ckpt_root: Path) -> dict[str, str]:
         if f.name in VOLATILE_FILES:
             out[rel] = json.dumps(stable_driver_state(f), sort_keys=True)
         elif f.suffix == ".json" and f.stat().st_size < 100_000:
-            out[rel] = json.dumps(json.loads(f.read_text()), sort_keys=True)  # readable when it differs
+            out[rel] = json.dumps(_stable_json(json.loads(f.read_text())), sort_keys=True)  # readable when it differs
         else:
             out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
@@ -101,7 +120,8 @@ def diff(a: dict[str, Any], b: dict[str, Any], ignore_keys: tuple[str, ...]) -> 
                 continue
             if ra.get(k, "<missing>") != rb.get(k, "<missing>"):
                 problems.append(f"metrics row {i} {k}: {ra.get(k, '<missing>')!r} vs {rb.get(k, '<missing>')!r}")
-    ca, cb = a["checkpoints"], b["checkpoints"]
+    ca = {k: _normalised(v) for k, v in a["checkpoints"].items()}
+    cb = {k: _normalised(v) for k, v in b["checkpoints"].items()}
     for f in sorted(set(ca) | set(cb)):
         if ca.get(f) != cb.get(f):
             problems.append(f"checkpoint file {f}: {_differing(ca.get(f), cb.get(f))}")
