@@ -41,10 +41,11 @@ VOLATILE_PREFIXES = ("time/", "cpu/", "progress/")
 VOLATILE_SUBSTRINGS = ("seconds", "per_s", "_s_", "eta")
 # Checkpoint files that record wall-clock facts (when, how long) next to the state.
 VOLATILE_FILES = ("driver_state.json",)
-# Keys of the learner-state manifests that differ between identical runs: the write time, and numpy's
-# global RNG, which each rank saves for resume but nothing in training draws from (it is seeded from
-# the OS); the torch RNG states, which training does use, are in the hashed .safetensors files.
-VOLATILE_JSON_KEYS = ("created_unix", "numpy")
+# Keys of the learner-state manifests that differ between identical runs: the write time, the
+# rank files' sizes (which vary with the RNG text), and Python's and numpy's global RNG states,
+# which each rank saves for resume but nothing in training draws from (they are seeded from the OS);
+# the torch RNG states, which training does use, are in the hashed .safetensors files.
+VOLATILE_JSON_KEYS = ("created_unix", "files", "python", "numpy")
 
 
 def _stable_json(obj: Any) -> Any:
