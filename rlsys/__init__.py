@@ -1,2 +1,3 @@
 """rlsys: distributed RLVR post-training with F-GRPO."""
+
 __version__ = "0.1.0"

@@ -24,10 +24,8 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
-from rlsys import signals
-from rlsys.fsutil import replace_dir
+from rlsys.fsutil import replace_dir, track_partial, untrack_partial
 from rlsys.sampler import SamplerState
 
 STATE_FILE = "driver_state.json"
@@ -44,7 +42,7 @@ class DriverState:
     step: int  # last completed step
     sampler: SamplerState  # prompt stream position
     weight_version: int
-    wandb_run_id: Optional[str]
+    wandb_run_id: str | None
     skipped_in_a_row: int
     first_reward: float  # train reward of step 1 (for the end-of-run summary)
     eval_before: dict[int, float]  # held-out pass@k of the starting policy
@@ -57,11 +55,13 @@ class DriverState:
         return json.dumps(d, indent=1, sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> "DriverState":
+    def from_json(text: str) -> DriverState:
         d = json.loads(text)
         if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"driver state format {d.get('format_version')} is not {FORMAT_VERSION}; this "
-                             "checkpoint was written by another rlsys version")
+            raise ValueError(
+                f"driver state format {d.get('format_version')} is not {FORMAT_VERSION}; this "
+                "checkpoint was written by another rlsys version"
+            )
         d["sampler"] = SamplerState(**d["sampler"])
         d["eval_before"] = {int(k): float(v) for k, v in d["eval_before"].items()}
         return DriverState(**d)
@@ -79,7 +79,7 @@ def begin(out_dir: str | os.PathLike, step: int) -> Path:
     sweep_partial(root.parent)
     tmp = root / f".step_{step:06d}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    signals.track_partial(tmp)
+    track_partial(tmp)
     log.debug("writing step %d into %s", step, tmp)
     return tmp
 
@@ -92,7 +92,7 @@ def commit(tmp: Path, state: DriverState, keep: int) -> Path:
         os.fsync(fh.fileno())
     final = tmp.parent / f"step_{state.step:06d}"
     replace_dir(tmp, final)  # re-saving a step after a resume replaces the older copy
-    signals.untrack_partial(tmp)
+    untrack_partial(tmp)
     _fsync_dir(tmp.parent)
     rotate(tmp.parent, keep)
     return final
@@ -128,7 +128,7 @@ def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest(out_dir: str | os.PathLike) -> Optional[Path]:
+def latest(out_dir: str | os.PathLike) -> Path | None:
     ckpts = complete_checkpoints(out_dir)
     return ckpts[-1] if ckpts else None
 

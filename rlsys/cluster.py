@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 from rlsys import signals
 
@@ -37,7 +37,7 @@ def loopback_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def connect(address: Optional[str], num_cpus: Optional[int] = None, namespace: str = "rlsys") -> bool:
+def connect(address: str | None, num_cpus: int | None = None, namespace: str = "rlsys") -> bool:
     """Start or join Ray. Returns True when this call started a local cluster (caller shuts it down).
 
     ``address`` None: a local cluster on 127.0.0.1 with ``num_cpus`` logical CPUs (default: the
@@ -68,15 +68,14 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
         _started_here = True
         return True
     _started_here = False
-    ray.init(address=address, namespace=namespace, log_to_driver=True,
-             configure_logging=False)
+    ray.init(address=address, namespace=namespace, log_to_driver=True, configure_logging=False)
     signals.reinstall()
     log.info("joined the Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU"))
     return False
 
 
 @contextmanager
-def session(address: Optional[str], num_cpus: Optional[int] = None, namespace: str = "rlsys") -> Iterator[int]:
+def session(address: str | None, num_cpus: int | None = None, namespace: str = "rlsys") -> Iterator[int]:
     """``with session(...) as cpus:`` start or join Ray (see ``connect``); yields the cluster's CPU
     count and shuts down on exit only a cluster this call started, also when a signal stops the job
     (rlsys.signals; a joined cluster keeps running: only this job's actors were killed)."""
@@ -95,8 +94,9 @@ def session(address: Optional[str], num_cpus: Optional[int] = None, namespace: s
                 log.info("stopped the local Ray cluster in %.1f s", time.perf_counter() - t0)
 
 
-def actor_options(num_cpus: float, num_gpus: float = 0.0, name: Optional[str] = None,
-                  num_threads: Optional[int] = None) -> dict:
+def actor_options(
+    num_cpus: float, num_gpus: float = 0.0, name: str | None = None, num_threads: int | None = None
+) -> dict:
     """Ray ``.options(...)`` for an rlsys actor: resources plus the process environment.
 
     The environment goes in the actor's own runtime_env (merged with a submitted job's
@@ -121,7 +121,7 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_threads(configured: Optional[int], num_workers: int, num_cpus_per_worker: float) -> int:
+def worker_threads(configured: int | None, num_workers: int, num_cpus_per_worker: float) -> int:
     """Compute threads for each of a role's ``num_workers`` actors.
 
     ``configured`` (``rollout.num_threads`` / ``learner.num_threads``) wins. Else, on a local cluster

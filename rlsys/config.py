@@ -12,15 +12,20 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
-ALGOS = ("grpo", "f_grpo", "dapo", "f_dapo", "cispo", "f_cispo")
-LOSS_TYPES = ("grpo", "dapo", "cispo")
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-DTYPES = ("auto", "bfloat16", "float32")
-WANDB_MODES = ("offline", "online", "disabled")
-RESUME_MODES = ("never", "auto")
-
+from rlsys.choices import (
+    AGG_MODES,
+    ALGOS,
+    DTYPES,
+    EVAL_SPLITS,
+    LOSS_TYPES,
+    ON_BAD_ROW,
+    RESUME_MODES,
+    SELECT_MODES,
+    VLLM_LOG_LEVELS,
+    WANDB_MODES,
+)
 
 log = logging.getLogger("rlsys.config")
 
@@ -32,13 +37,13 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/run"  # the Hydra app sets this to its run directory by default
-    name: Optional[str] = None  # W&B run name; default: algo-and-timestamp
+    name: str | None = None  # W&B run name; default: algo-and-timestamp
     resume: str = "never"  # "never" | "auto" (newest complete checkpoint in output_dir)
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 80  # with the defaults below: tiny model, held-out pass@1 0.14 -> ~0.20, ~5 min on 2 CPUs
+    total_steps: int = 80  # with the defaults below: tiny model, a few minutes on CPU (docs/lab-notes.md#config)
     prompts_per_step: int = 32  # B, prompts per step (groups per step); B * G = 256 rollouts per step
     seed: int = 0
     save_every: int = 0  # 0: save only at the end
@@ -57,46 +62,49 @@ class AlgoConfig:
     gamma: float = 0.5  # focal exponent: g = (1 - success_rate) ** gamma; 0 = plain GRPO
     std_normalize: bool = True  # GRPO z-score; False = mean-centred only (Dr.GRPO)
     adv_eps: float = 1e-6
-    success_threshold: Optional[float] = None  # non-binary rewards: reward >= this is a success
-    clip_low: Optional[float] = None  # None: the loss type's default (grpo .2, dapo .2, cispo 1.0)
-    clip_high: Optional[float] = None  # None: the loss type's default (grpo .2, dapo .28, cispo 5.0)
+    success_threshold: float | None = None  # non-binary rewards: reward >= this is a success
+    clip_low: float | None = None  # None: the loss type's default (grpo .2, dapo .2, cispo 1.0)
+    clip_high: float | None = None  # None: the loss type's default (grpo .2, dapo .28, cispo 5.0)
     agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
     kl_coef: float = 0.0  # k3 KL to the initial policy; 0 = off (the paper's setting)
     entropy_coef: float = 0.0
     # Truncated importance sampling against the rollout engine (Yao et al. 2025): weight each token's
     # policy-gradient term by min(pi_old / pi_rollout, tis_cap); None = off. 2.0 is the usual value.
-    tis_cap: Optional[float] = None
+    tis_cap: float | None = None
     dynamic_sampling: bool = False  # DAPO: keep only mixed groups, refill with fresh prompts
     max_refill_rounds: int = 3  # dynamic sampling: extra generation rounds before giving up
 
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None  # a Hugging Face checkpoint directory; None: the built tiny model
+    path: str | None = None  # a Hugging Face checkpoint directory; None: the built tiny model
     tiny_size: str = "tiny"  # used when path is None: "tiny" (~1-5M params) or "100m"
     tiny_seed: int = 0
     # Rollout engine and learner compute dtype. auto: bfloat16 where the device computes it natively
     # (CUDA >= 8.0; x86 with AVX512_BF16 / AMX-BF16), else float32 (rlsys.hardware); resolved once at
     # start-up by config.resolve, which also fills dtype_reason.
     dtype: str = "auto"
-    dtype_reason: Optional[str] = None  # set at start-up (why this dtype); not an input
+    dtype_reason: str | None = None  # set at start-up (why this dtype); not an input
+    # Let Hugging Face run the checkpoint's own Python code (custom architectures / tokenizers): the
+    # tokenizer every job loads, and the learner and vLLM engine where their spec carries it (rlsys.build).
     trust_remote_code: bool = False
 
 
 @dataclass
 class DataConfig:
-    task: Optional[str] = "countdown"  # a built-in task (rlsys.tasks); None to read data.path
-    path: Optional[str] = None  # JSONL / Parquet file (used when task is None)
+    task: str | None = "countdown"  # a built-in task (rlsys.tasks); None to read data.path
+    path: str | None = None  # JSONL / Parquet file (used when task is None)
     prompt_key: str = "prompt"
     answer_key: str = "answer"
-    id_key: Optional[str] = None
-    answer_after: Optional[str] = None  # GSM8K-style gold text: keep what follows this marker ("####")
+    id_key: str | None = None
+    answer_after: str | None = None  # GSM8K-style gold text: keep what follows this marker ("####")
     verifier: str = "math"  # for files: "math" | "exact" | "regex" | "module:function"
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     on_bad_row: str = "error"  # "error" | "skip" (counted and logged)
     num_train: int = 2000  # generated tasks: rows in the train split
-    num_test: int = 128
-    limit: Optional[int] = None
+    # (No num_test: the held-out rows a job reads are sized by the job, eval.num_prompts for evaluation and
+    # sft.eval_prompts for the SFT evaluation; a generated test split has no size of its own.)
+    limit: int | None = None
 
 
 @dataclass
@@ -107,13 +115,13 @@ class RolloutConfig:
     # Compute threads per engine. None: on a local cluster, this machine's cores shared by the rollout
     # workers (the synchronous loop runs one phase at a time, so generation may use every core);
     # on a remote cluster, num_cpus_per_worker.
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     max_tokens: int = 32  # response length cap (T)
     temperature: float = 1.0
     top_p: float = 1.0
     kv_cache_memory_mb: int = 256  # CPU: explicit KV cache size
     gpu_memory_utilization: float = 0.5  # GPU only
-    enforce_eager: bool = True  # torch.compile costs 25-45 s of start-up on CPU
+    enforce_eager: bool = True  # torch.compile's start-up cost outweighs it on CPU (docs/lab-notes.md#config)
     timeout_s: float = 600.0  # a generate call that takes longer fails the step, naming the worker
     max_restarts: int = 3  # a worker that dies is replaced, at most this many times per worker per run
     vllm_log_level: str = "WARNING"  # vLLM's logger in the rollout workers: DEBUG | INFO | WARNING | ERROR
@@ -138,7 +146,7 @@ class LearnerConfig:
     num_gpus_per_worker: float = 0.0
     # Compute threads per rank. None: on a local cluster, this machine's cores shared by the ranks
     # (the train phase runs alone); on a remote cluster, num_cpus_per_worker.
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     zero_stage: int = 2
     lr: float = 1e-4  # tuned for the built-in tiny model (2e-4 already overfits and collapses pass@k); LLMs want ~1e-6
     weight_decay: float = 0.01
@@ -155,14 +163,16 @@ class LearnerConfig:
 class SyncConfig:
     bucket_mb: int = 256  # weights travel in buckets of about this size
     check: bool = True  # after each sync, compare rollout vs learner logprobs on a probe sequence
-    max_logprob_diff: float = 0.1  # fail loudly above this mean |diff| (bf16 noise is ~0.01)
+    max_logprob_diff: float = 0.1  # fail loudly above this mean |diff| (bf16 noise: docs/lab-notes.md#config)
+    # Deadline of one weight push into the rollout engines (RolloutPool.load_weight_buckets); the other
+    # rollout calls are bounded by rollout.timeout_s.
     timeout_s: float = 600.0
 
 
 @dataclass
 class ClusterConfig:
-    address: Optional[str] = None  # None: start a local loopback-only Ray cluster; else join it
-    num_cpus: Optional[int] = None  # local cluster size; None: this machine's CPU count
+    address: str | None = None  # None: start a local loopback-only Ray cluster; else join it
+    num_cpus: int | None = None  # local cluster size; None: this machine's CPU count
     namespace: str = "rlsys"
 
 
@@ -170,43 +180,52 @@ class ClusterConfig:
 class LoggerConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     project: str = "rlsys"
-    entity: Optional[str] = None
+    entity: str | None = None
 
 
 @dataclass
 class EvalConfig:
+    """Held-out pass@k: ``python -m rlsys.eval``, and the evaluations inside a training run
+    (``trainer.eval_every``, ``trainer.eval_at_start_end``).
+
+    Inside a training run the samples come from the training rollout engines, so they are drawn at
+    ``rollout.temperature`` and ``rollout.max_tokens``: ``temperature`` and ``max_tokens`` below apply
+    to ``python -m rlsys.eval`` only (the run logs a warning when they differ). Every other key applies
+    to both.
+    """
+
     n: int = 64  # samples per problem (pass@k needs k <= n)
     k: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     split: str = "test"  # built-in tasks: test | ood | train; files: the whole file
     num_prompts: int = 64  # problems evaluated (built-in tasks: generated; files: first rows)
-    temperature: float = 1.0
-    max_tokens: Optional[int] = None  # None: rollout.max_tokens
-    output_dir: Optional[str] = None  # None: <run.output_dir>/eval
+    temperature: float = 1.0  # python -m rlsys.eval only (see above)
+    max_tokens: int | None = None  # python -m rlsys.eval only; None: rollout.max_tokens
+    output_dir: str | None = None  # None: <run.output_dir>/eval
     seed: int = 0  # which problems a built-in task generates, and the samplers' seeds (fixed across models)
-    max_prompts_per_call: Optional[int] = None  # prompts per rollout call; None: about 4096 samples per worker
+    max_prompts_per_call: int | None = None  # prompts per rollout call; None: about 4096 samples per worker
 
 
 @dataclass
 class SFTConfig:
     """Warm start: supervised fine-tuning on generated reference solutions (rlsys.sft)."""
 
-    # Defaults: tiny model on countdown -> test pass@1 ~0.14, pass@16 ~0.7; ~7 min on one idle CPU core,
-    # once (the result is cached). Measurements in rlsys/sft.py.
+    # Defaults: tuned for the tiny model on countdown; trained once, then cached.
+    # Measurements: docs/lab-notes.md#sft.
     steps: int = 600
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 20
     num_examples: int = 6000  # train-split prompts (countdown has ~8000 unique ones)
-    output_dir: Optional[str] = None  # None: a cache dir keyed by the SFT settings (reused)
+    output_dir: str | None = None  # None: a cache dir keyed by the SFT settings (reused)
     enabled: bool = True  # rlsys.train: warm-start the built-in tiny model before RL
     seed: int = 0  # data order, sampled solutions, eval prompts; not trainer.seed, so RL seeds share one warm start
-    dtype: Optional[str] = None  # learner dtype for SFT: bfloat16 | float32; None: model.dtype
-    micro_batch_size: Optional[int] = None  # None: each rank's whole share of the batch at once (short rows)
+    dtype: str | None = None  # learner dtype for SFT: bfloat16 | float32; None: model.dtype
+    micro_batch_size: int | None = None  # None: each rank's whole share of the batch at once (short rows)
     # Learner ranks for SFT. None: learner.num_workers, raised to 2 for CPU learners when the cluster
     # has the CPUs (SFT runs before any RL actor exists, so on a 2-core machine both cores train; the
     # gradient does not depend on the rank count, so neither does the cache key).
-    num_workers: Optional[int] = None
-    max_response_tokens: Optional[int] = None  # cut training responses to this many tokens; None: no cut
+    num_workers: int | None = None
+    max_response_tokens: int | None = None  # cut training responses to this many tokens; None: no cut
     log_every: int = 25  # steps between held-out NLL measurements
     eval_prompts: int = 64  # after SFT: prompts per split (test, ood) sampled with vLLM; 0: no eval
     eval_samples: int = 16  # samples per eval prompt (pass@k for k up to this)
@@ -220,7 +239,7 @@ class DifficultyConfig:
     select: str = "hardest"  # hardest | easiest | random
     fraction: float = 0.1
     pool_size: int = 512  # built-in tasks: prompts in the pool to estimate
-    output_dir: Optional[str] = None  # None: <run.output_dir>/difficulty
+    output_dir: str | None = None  # None: <run.output_dir>/difficulty
     seed: int = 0  # the samplers' seeds and the tie-breaking shuffle of the selection
 
 
@@ -264,13 +283,17 @@ def _check_causal_lm(path: str) -> None:
         _fail("model.path", path, f"config.json is unreadable ({e})")
     archs = hf.get("architectures") or []
     if not any(a.endswith("ForCausalLM") for a in archs):
-        _fail("model.path", path, f"config.json declares architectures {archs}, not a *ForCausalLM model; "
-              "rlsys trains decoder-only causal LMs (e.g. Qwen2ForCausalLM, LlamaForCausalLM)")
+        _fail(
+            "model.path",
+            path,
+            f"config.json declares architectures {archs}, not a *ForCausalLM model; "
+            "rlsys trains decoder-only causal LMs (e.g. Qwen2ForCausalLM, LlamaForCausalLM)",
+        )
     if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
         _fail("model.path", path, "holds no weight files (*.safetensors); is the checkpoint complete?")
 
 
-def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
+def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
     """Check values and combinations; raise ConfigError naming the key and the fix.
 
     ``available_cpus``: when given (local cluster), resource requests are checked against it.
@@ -282,25 +305,38 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
         _fail("algo.loss_type", a.loss_type, f"choose one of {', '.join(LOSS_TYPES)}")
     base = a.name.removeprefix("f_")
     if a.loss_type != base:
-        _fail("algo.loss_type", a.loss_type, f"algo.name={a.name} uses loss_type={base}; select the algo "
-              f"with the config group (algo={a.name}) rather than setting algo.name alone")
+        _fail(
+            "algo.loss_type",
+            a.loss_type,
+            f"algo.name={a.name} uses loss_type={base}; select the algo "
+            f"with the config group (algo={a.name}) rather than setting algo.name alone",
+        )
     if a.group_size < 2:
         _fail("algo.group_size", a.group_size, "a group needs >= 2 rollouts for a baseline (use >= 2, typically 8)")
     if a.gamma < 0:
         _fail("algo.gamma", a.gamma, "the focal exponent must be >= 0 (0 = plain GRPO; the paper uses 0.5 or 1.0)")
     if not a.name.startswith("f_") and a.gamma != 0:
-        _fail("algo.gamma", a.gamma, f"algo={a.name} is the plain objective (gamma 0); use algo=f_{a.name} "
-              "for a focal weight")
+        _fail(
+            "algo.gamma",
+            a.gamma,
+            f"algo={a.name} is the plain objective (gamma 0); use algo=f_{a.name} for a focal weight",
+        )
     for key in ("clip_low", "clip_high"):
         v = getattr(a, key)
         if v is not None and v < 0:
             _fail(f"algo.{key}", v, "clip epsilons must be >= 0")
-    if a.loss_type in ("grpo", "dapo") and a.clip_low is not None and a.clip_high is not None \
-            and a.clip_high < a.clip_low:
-        _fail("algo.clip_high", a.clip_high, f"must be >= algo.clip_low={a.clip_low} (clip-higher widens "
-              "the upper bound, never narrows it)")
-    if a.loss_type == "grpo" and a.clip_low is not None and a.clip_high is not None \
-            and a.clip_low != a.clip_high:
+    if (
+        a.loss_type in ("grpo", "dapo")
+        and a.clip_low is not None
+        and a.clip_high is not None
+        and a.clip_high < a.clip_low
+    ):
+        _fail(
+            "algo.clip_high",
+            a.clip_high,
+            f"must be >= algo.clip_low={a.clip_low} (clip-higher widens the upper bound, never narrows it)",
+        )
+    if a.loss_type == "grpo" and a.clip_low is not None and a.clip_high is not None and a.clip_low != a.clip_high:
         _fail("algo.clip_high", a.clip_high, "grpo clips symmetrically; for an asymmetric clip use algo=dapo")
     if a.agg not in AGG_MODES:
         _fail("algo.agg", a.agg, f"choose one of {', '.join(AGG_MODES)}")
@@ -320,8 +356,12 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
         _fail("model.dtype", m.dtype, f"choose one of {', '.join(DTYPES)}")
     if m.path is not None:
         if not os.path.isdir(m.path):
-            _fail("model.path", m.path, "no such directory; point it at a Hugging Face checkpoint directory "
-                  "(config.json + weights + tokenizer), or leave it unset for the built-in tiny model")
+            _fail(
+                "model.path",
+                m.path,
+                "no such directory; point it at a Hugging Face checkpoint directory "
+                "(config.json + weights + tokenizer), or leave it unset for the built-in tiny model",
+            )
         if not os.path.isfile(os.path.join(m.path, "config.json")):
             _fail("model.path", m.path, "has no config.json: not a Hugging Face model directory")
         _check_causal_lm(m.path)
@@ -333,9 +373,9 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
         _fail("data.path", None, "set data.task=<built-in task> or data.path=<file.jsonl|.parquet>")
     if d.task is None and d.path is not None and not os.path.isfile(d.path):
         _fail("data.path", d.path, "no such file")
-    if d.on_bad_row not in ("error", "skip"):
+    if d.on_bad_row not in ON_BAD_ROW:
         _fail("data.on_bad_row", d.on_bad_row, "choose error or skip")
-    _check_positive(d, "data", ("num_train", "num_test"))
+    _check_positive(d, "data", ("num_train",))
 
     r = cfg.rollout
     _check_positive(r, "rollout", ("num_workers", "max_tokens", "kv_cache_memory_mb", "timeout_s"))
@@ -346,7 +386,7 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
         _fail("rollout.temperature", r.temperature, "must be > 0 (RL needs sampling; use eval for greedy)")
     if r.num_threads is not None and r.num_threads < 1:
         _fail("rollout.num_threads", r.num_threads, "must be >= 1, or null for the default")
-    if r.vllm_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    if r.vllm_log_level not in VLLM_LOG_LEVELS:
         _fail("rollout.vllm_log_level", r.vllm_log_level, "choose DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     w = cfg.reward
@@ -355,8 +395,12 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
 
     lr = cfg.learner
     _check_positive(lr, "learner", ("num_workers", "micro_batch_size", "lr", "timeout_s"))
-    _check_positive(lr, "learner", ("num_cpus_per_worker", "num_gpus_per_worker", "weight_decay",
-                                    "warmup_steps", "grad_clip"), allow_zero=True)
+    _check_positive(
+        lr,
+        "learner",
+        ("num_cpus_per_worker", "num_gpus_per_worker", "weight_decay", "warmup_steps", "grad_clip"),
+        allow_zero=True,
+    )
     if lr.num_threads is not None and lr.num_threads < 1:
         _fail("learner.num_threads", lr.num_threads, "must be >= 1, or null for the default")
     if lr.zero_stage not in (0, 1, 2, 3):
@@ -377,12 +421,16 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
     _check_positive(e, "eval", ("n", "num_prompts", "temperature"))
     if not e.k or any(k < 1 or k > e.n for k in e.k):
         _fail("eval.k", list(e.k), f"every k must satisfy 1 <= k <= eval.n={e.n} (pass@k needs n >= k samples)")
-    if e.split not in ("train", "test", "ood"):
+    if e.split not in EVAL_SPLITS:
         _fail("eval.split", e.split, "choose train, test or ood")
+    if e.max_prompts_per_call is not None and e.max_prompts_per_call < 1:
+        _fail("eval.max_prompts_per_call", e.max_prompts_per_call, "must be >= 1 (or null for automatic chunking)")
+    if e.max_tokens is not None and e.max_tokens < 1:
+        _fail("eval.max_tokens", e.max_tokens, "must be >= 1 (or null for rollout.max_tokens)")
     _check_positive(cfg.sft, "sft", ("steps", "batch_size", "lr", "num_examples"))
     df = cfg.difficulty
     _check_positive(df, "difficulty", ("k", "pool_size"))
-    if df.select not in ("hardest", "easiest", "random"):
+    if df.select not in SELECT_MODES:
         _fail("difficulty.select", df.select, "choose hardest, easiest or random")
     if not 0 < df.fraction <= 1:
         _fail("difficulty.fraction", df.fraction, "must be in (0, 1]")
@@ -390,20 +438,31 @@ def validate(cfg: RLConfig, *, available_cpus: Optional[int] = None) -> None:
     if available_cpus is not None and cfg.cluster.address is None:
         need = requested_cpus(cfg)
         if lr.num_workers * lr.num_cpus_per_worker > available_cpus:
-            _fail("learner.num_workers", lr.num_workers, f"{lr.num_workers} learners x "
-                  f"{lr.num_cpus_per_worker} CPUs exceed the {available_cpus} CPUs of the local cluster; "
-                  "lower learner.num_workers or set cluster.num_cpus")
+            _fail(
+                "learner.num_workers",
+                lr.num_workers,
+                f"{lr.num_workers} learners x "
+                f"{lr.num_cpus_per_worker} CPUs exceed the {available_cpus} CPUs of the local cluster; "
+                "lower learner.num_workers or set cluster.num_cpus",
+            )
         if need > available_cpus:
-            _fail("cluster.num_cpus", available_cpus, f"the actors ask for {need:g} CPUs in all "
-                  "(rollout + learner + reward workers x their num_cpus_per_worker); raise cluster.num_cpus "
-                  "(oversubscribing a small machine is fine) or lower the workers' CPU requests")
+            _fail(
+                "cluster.num_cpus",
+                available_cpus,
+                f"the actors ask for {need:g} CPUs in all "
+                "(rollout + learner + reward workers x their num_cpus_per_worker); raise cluster.num_cpus "
+                "(oversubscribing a small machine is fine) or lower the workers' CPU requests",
+            )
 
 
 def requested_cpus(cfg: RLConfig) -> float:
     """Logical CPUs the job's actors ask Ray for (rollout + learner + reward workers)."""
     r, lr, w = cfg.rollout, cfg.learner, cfg.reward
-    return (r.num_workers * r.num_cpus_per_worker + lr.num_workers * lr.num_cpus_per_worker
-            + w.num_workers * w.num_cpus_per_worker)
+    return (
+        r.num_workers * r.num_cpus_per_worker
+        + lr.num_workers * lr.num_cpus_per_worker
+        + w.num_workers * w.num_cpus_per_worker
+    )
 
 
 def local_cluster_cpus(cfg: RLConfig) -> int:
@@ -429,8 +488,9 @@ def to_dataclass(cfg: Any) -> RLConfig:
 
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, RLConfig):
-        raise ConfigError("the composed config is not an RLConfig: conf/config.yaml must list rl_schema "
-                          "first in its defaults")
+        raise ConfigError(
+            "the composed config is not an RLConfig: conf/config.yaml must list rl_schema first in its defaults"
+        )
     return resolve(obj)
 
 
@@ -459,8 +519,9 @@ def resolve_dtype(cfg: RLConfig, probe: Any = None) -> RLConfig:
         _fail("model.dtype", m.dtype, f"choose one of {', '.join(DTYPES)}")
     if m.dtype != "auto" and m.dtype_reason is not None:
         return cfg  # already resolved
-    devices = sorted({hardware.dtype_device(cfg.rollout.num_gpus_per_worker),
-                      hardware.dtype_device(cfg.learner.num_gpus_per_worker)})
+    devices = sorted(
+        {hardware.dtype_device(cfg.rollout.num_gpus_per_worker), hardware.dtype_device(cfg.learner.num_gpus_per_worker)}
+    )
     probes = [probe if isinstance(probe, hardware.Probe) else (probe or hardware.probe)(d) for d in devices]
     choices = [hardware.choose_dtype(m.dtype, p) for p in probes]
     choice = next((c for c in choices if not c.native_bf16), choices[0])
@@ -483,12 +544,12 @@ def absolute_paths(cfg: RLConfig) -> RLConfig:
     """
     import dataclasses
 
-    def absolute(p: Optional[str]) -> Optional[str]:
+    def absolute(p: str | None) -> str | None:
         return None if p is None else os.path.abspath(os.path.expanduser(p))
 
     return dataclasses.replace(
         cfg,
-        run=dataclasses.replace(cfg.run, output_dir=absolute(cfg.run.output_dir)),
+        run=dataclasses.replace(cfg.run, output_dir=os.path.abspath(os.path.expanduser(cfg.run.output_dir))),
         model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)),
         data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
         eval=dataclasses.replace(cfg.eval, output_dir=absolute(cfg.eval.output_dir)),

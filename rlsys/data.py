@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlsys.config import ConfigError
 from rlsys.records import PromptRow
 
 logger = logging.getLogger("rlsys.data")
@@ -98,9 +99,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                yield lineno, _BadRow(
-                    "bad_json", f"line is not valid JSON ({exc.msg} at column {exc.colno})"
-                )
+                yield lineno, _BadRow("bad_json", f"line is not valid JSON ({exc.msg} at column {exc.colno})")
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
@@ -121,7 +120,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: reading Parquet needs pyarrow ({exc}); pip install pyarrow") from None
     try:
         pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError variants for broken files
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError variants for broken files
         raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     rownum = 0
     for batch in pf.iter_batches(batch_size=4096):
@@ -181,8 +180,7 @@ def _messages(value: Any, prompt_key: str, system_prompt: str | None) -> tuple[t
             if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
                 raise _BadRow(
                     "bad_prompt",
-                    f"prompt message {i} is not an object with 'role' and 'content' "
-                    f"(got {type(msg).__name__})",
+                    f"prompt message {i} is not an object with 'role' and 'content' (got {type(msg).__name__})",
                 )
             role, content = msg["role"], msg["content"]
             if not isinstance(role, str) or role not in _ROLES:
@@ -273,8 +271,7 @@ def _to_row(
     if prompt is _MISSING:
         raise _BadRow(
             "missing_prompt",
-            f"no prompt field {prompt_key!r} (row keys: {_available_keys(record)}); "
-            f"set data.prompt_key=<field>",
+            f"no prompt field {prompt_key!r} (row keys: {_available_keys(record)}); set data.prompt_key=<field>",
         )
     answer = _lookup(record, answer_key)
     if answer is _MISSING:
@@ -468,3 +465,87 @@ def save_rows(rows: Iterable[PromptRow], path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return p
+
+
+# ================================ rows of a job, and prompt encoding ==================================
+# The one place a job turns its config into prompt rows and prompt tokens (train, eval, SFT and
+# difficulty all come here, so the four cannot drift apart).
+
+
+def load_split(cfg: Any, split: str, n: int | None, seed: int) -> list[PromptRow]:
+    """The prompt rows of one split of the job's data (``cfg`` an :class:`rlsys.config.RLConfig`).
+
+    A built-in task (``data.task``): ``n`` rows of ``split`` generated with ``seed`` (a pure function
+    of the three; ``n`` is required). A file (``data.path``): a file is one split, so ``split`` and
+    ``seed`` do not apply; its first ``n`` good rows, read with the ``data.*`` keys (``None``: every
+    row); malformed rows follow ``data.on_bad_row`` and skipped ones are logged.
+    ``data.limit`` is not applied here (see :func:`load_train_rows`).
+    """
+    d = cfg.data
+    if d.task is not None:
+        from rlsys.tasks import get_task
+
+        if n is None:
+            raise ValueError(f"load_split: a built-in task ({d.task}) needs a row count for split {split!r}")
+        return get_task(d.task).generate(split, n, seed=seed)
+    rows, report = load_rows(
+        d.path,
+        prompt_key=d.prompt_key,
+        answer_key=d.answer_key,
+        id_key=d.id_key,
+        verifier=d.verifier,
+        system_prompt=d.system_prompt,
+        on_bad_row=d.on_bad_row,
+        answer_after=d.answer_after,
+        limit=n,
+    )
+    if report.num_skipped:
+        logger.warning("data: skipped %d malformed rows of %s: %s", report.num_skipped, d.path, report.reasons)
+    return rows
+
+
+def load_train_rows(cfg: Any) -> list[PromptRow]:
+    """The training prompts: ``data.num_train`` generated rows of a built-in task's train split (seed
+    ``trainer.seed``), or every row of ``data.path``; then the first ``data.limit`` of them."""
+    d = cfg.data
+    rows = load_split(cfg, "train", d.num_train if d.task is not None else None, cfg.trainer.seed)
+    return rows[: d.limit] if d.limit else rows
+
+
+def load_eval_rows(cfg: Any) -> list[PromptRow]:
+    """The evaluation problems: a built-in task's ``eval.split`` (``eval.num_prompts`` rows generated
+    with ``eval.seed``), or the first ``eval.num_prompts`` rows of ``data.path``."""
+    e = cfg.eval
+    return load_split(cfg, e.split, e.num_prompts, e.seed)
+
+
+def load_pool_rows(cfg: Any) -> list[PromptRow]:
+    """The prompts :mod:`rlsys.difficulty` estimates: a built-in task's train split
+    (``difficulty.pool_size`` rows generated with ``trainer.seed``, the same rows and ids the training
+    run's prompt set starts with), or the training rows of ``data.path`` (``data.limit`` applies)."""
+    if cfg.data.task is not None:
+        return load_split(cfg, "train", cfg.difficulty.pool_size, cfg.trainer.seed)
+    return load_train_rows(cfg)
+
+
+def encode_prompt(tokenizer: Any, row: PromptRow) -> list[int]:
+    """Chat-template the row's messages (with the assistant generation prompt) and tokenize once.
+
+    Raises :class:`rlsys.config.ConfigError` (naming ``model.path``) when the tokenizer has no chat
+    template: rlsys formats every prompt as a chat.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"invalid config model.path={tokenizer.name_or_path!r}: its tokenizer has no "
+            "chat_template, and rlsys formats prompts as chats; use an instruct/chat checkpoint or "
+            "add a chat_template (tokenizer_config.json or chat_template.jinja)"
+        )
+    text = tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in row.messages], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def probe_tokens(tokenizer: Any, row: PromptRow) -> list[int]:
+    """A fixed sequence (a prompt plus a short answer) both sides score after every sync."""
+    return encode_prompt(tokenizer, row) + tokenizer.encode("Answer: 42", add_special_tokens=False)

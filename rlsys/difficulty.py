@@ -31,18 +31,23 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from rlsys.config import ConfigError, RLConfig, resolve, validate
+from rlsys.build import eval_pools
+from rlsys.choices import SELECT_MODES
+from rlsys.cli import hydra_entry
+from rlsys.config import RLConfig, resolve, validate
+from rlsys.data import load_pool_rows
+from rlsys.eval import check_eval_resources, model_label, sample_and_grade
+from rlsys.models import base_model_path, load_tokenizer
 from rlsys.records import GRADE_ERROR, GRADE_TIMEOUT, PromptRow
 
 log = logging.getLogger("rlsys.difficulty")
-
-SELECT_MODES = ("hardest", "easiest", "random")
 
 
 # ================================ pure selection logic ================================================
@@ -61,8 +66,9 @@ def num_to_select(num_prompts: int, fraction: float) -> int:
     return max(1, min(num_prompts, int(math.floor(fraction * num_prompts + 0.5 + 1e-9))))
 
 
-def select_by_difficulty(pass_rates: Sequence[float] | np.ndarray, select: str, fraction: float,
-                         seed: int) -> np.ndarray:
+def select_by_difficulty(
+    pass_rates: Sequence[float] | np.ndarray, select: str, fraction: float, seed: int
+) -> np.ndarray:
     """Indices of the selected prompts, in selection order: int64 array of length
     ``num_to_select(len(pass_rates), fraction)``.
 
@@ -108,8 +114,11 @@ def difficulty_summary(num_correct: Sequence[int] | np.ndarray, k: int, selected
         "learnable_fraction": float(((c > 0) & (c < k)).mean()),
         "all_wrong_fraction": float((c == 0).mean()),
         "all_correct_fraction": float((c == k).mean()),
-        "histogram": {"pass_rate": [i / k for i in range(k + 1)], "num_correct": list(range(k + 1)),
-                      "prompts": pass_rate_histogram(c, k)},
+        "histogram": {
+            "pass_rate": [i / k for i in range(k + 1)],
+            "num_correct": list(range(k + 1)),
+            "prompts": pass_rate_histogram(c, k),
+        },
         "num_selected": int(sel.size),
         "selected_pass_rate": {"min": float(sel.min()), "max": float(sel.max()), "mean": float(sel.mean())},
     }
@@ -125,8 +134,12 @@ def annotated_record(row: PromptRow, num_correct: int, num_samples: int) -> dict
 
     rec = _record(row)
     rate = num_correct / num_samples
-    rec["meta"] = {**rec["meta"], "pass_rate": repr(rate), "num_correct": str(num_correct),
-                   "num_samples": str(num_samples)}
+    rec["meta"] = {
+        **rec["meta"],
+        "pass_rate": repr(rate),
+        "num_correct": str(num_correct),
+        "num_samples": str(num_samples),
+    }
     rec.update(pass_rate=rate, num_correct=int(num_correct), num_samples=int(num_samples))
     return rec
 
@@ -182,8 +195,14 @@ def plot_pass_rate_histogram(histogram: Sequence[int], k: int, path: str | Path,
         ax.set_xticklabels([f"{c / k:.2g}" for c in xs[::step]])
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color="#1f77b4", label="learnable (0 < rate < 1)"),
-                           Patch(color="#9e9e9e", label="all wrong / all correct")], fontsize=8, loc="best")
+        ax.legend(
+            handles=[
+                Patch(color="#1f77b4", label="learnable (0 < rate < 1)"),
+                Patch(color="#9e9e9e", label="all wrong / all correct"),
+            ],
+            fontsize=8,
+            loc="best",
+        )
         ax.set_xlabel(f"pass rate (correct of K={k} samples)")
         ax.set_ylabel("prompts")
         ax.margins(y=0.12)
@@ -206,28 +225,22 @@ def format_summary(summary: dict[str, Any], select: str, title: str = "") -> str
     for rate, count in zip(h["pass_rate"], h["prompts"]):
         lines.append(f"{rate:>9.2f}  {count:>7d}  {'#' * round(30 * count / peak)}")
     s = summary["selected_pass_rate"]
-    lines.append(f"mean pass rate {summary['mean_pass_rate']:.3f}; learnable (0 < rate < 1) "
-                 f"{summary['learnable_fraction']:.3f}, all wrong {summary['all_wrong_fraction']:.3f}, "
-                 f"all correct {summary['all_correct_fraction']:.3f}")
-    lines.append(f"selected {summary['num_selected']} {select} prompts (pass rate {s['min']:.2f}..{s['max']:.2f}, "
-                 f"mean {s['mean']:.3f})")
+    lines.append(
+        f"mean pass rate {summary['mean_pass_rate']:.3f}; learnable (0 < rate < 1) "
+        f"{summary['learnable_fraction']:.3f}, all wrong {summary['all_wrong_fraction']:.3f}, "
+        f"all correct {summary['all_correct_fraction']:.3f}"
+    )
+    lines.append(
+        f"selected {summary['num_selected']} {select} prompts (pass rate {s['min']:.2f}..{s['max']:.2f}, "
+        f"mean {s['mean']:.3f})"
+    )
     return "\n".join(lines)
 
 
 # ================================ the CLI =============================================================
 
 
-def load_pool_rows(cfg: RLConfig) -> list[PromptRow]:
-    """The prompts to estimate: a built-in task's train split (``difficulty.pool_size`` rows generated
-    with ``trainer.seed``, the same rows and ids the training run's prompt set starts with), or the
-    rows of ``data.path`` (``data.limit`` applies)."""
-    if cfg.data.task is not None:
-        from rlsys.tasks import get_task
-
-        return get_task(cfg.data.task).generate("train", cfg.difficulty.pool_size, seed=cfg.trainer.seed)
-    from rlsys.driver import load_prompt_rows
-
-    return load_prompt_rows(cfg)
+# load_pool_rows (the prompts to estimate) lives in rlsys.data, with the other row loaders.
 
 
 @dataclass(frozen=True)
@@ -248,7 +261,6 @@ def run_difficulty(cfg: RLConfig) -> DifficultyRun:
     Shuts down only a Ray cluster it started itself; ConfigError before any actor for a bad config.
     """
     from rlsys import cluster
-    from rlsys.eval import check_eval_resources
 
     cfg = resolve(cfg)  # absolute paths (actors have another cwd), model.dtype for this hardware
     validate(cfg)
@@ -258,21 +270,24 @@ def run_difficulty(cfg: RLConfig) -> DifficultyRun:
 
 
 def _run_difficulty(cfg: RLConfig) -> DifficultyRun:
-    from transformers import AutoTokenizer
-
-    from rlsys.driver import resolve_model_path
-    from rlsys.eval import eval_pools, model_label, sample_and_grade
-
     df = cfg.difficulty
     out_dir = Path(df.output_dir or Path(cfg.run.output_dir) / "difficulty")
-    model_path = resolve_model_path(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_path = base_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, model_path)
     rows = load_pool_rows(cfg)
-    log.info("difficulty: %d prompts x K=%d samples (temperature %g, max_tokens %d); model %s", len(rows), df.k,
-             cfg.rollout.temperature, cfg.rollout.max_tokens, model_path)
+    log.info(
+        "difficulty: %d prompts x K=%d samples (temperature %g, max_tokens %d); model %s",
+        len(rows),
+        df.k,
+        cfg.rollout.temperature,
+        cfg.rollout.max_tokens,
+        model_path,
+    )
 
-    with eval_pools(cfg, model_path, rows, temperature=cfg.rollout.temperature,
-                    max_tokens=cfg.rollout.max_tokens) as (rollout_pool, reward_pool):
+    with eval_pools(cfg, model_path, rows, temperature=cfg.rollout.temperature, max_tokens=cfg.rollout.max_tokens) as (
+        rollout_pool,
+        reward_pool,
+    ):
         sg = sample_and_grade(rows, tokenizer, rollout_pool, reward_pool, n=df.k, seed=df.seed, label="difficulty")
 
     c = sg.num_correct
@@ -283,51 +298,55 @@ def _run_difficulty(cfg: RLConfig) -> DifficultyRun:
 
     summary = difficulty_summary(c, df.k, selected)
     summary.update(
-        select=df.select, fraction=df.fraction, seed=df.seed, model_path=model_path,
-        temperature=cfg.rollout.temperature, max_tokens=cfg.rollout.max_tokens,
-        reward_timeouts=sg.status_counts.get(GRADE_TIMEOUT, 0), reward_errors=sg.status_counts.get(GRADE_ERROR, 0),
-        generate_seconds=sg.generate_seconds, grade_seconds=sg.grade_seconds,
+        select=df.select,
+        fraction=df.fraction,
+        seed=df.seed,
+        model_path=model_path,
+        temperature=cfg.rollout.temperature,
+        max_tokens=cfg.rollout.max_tokens,
+        reward_timeouts=sg.status_counts.get(GRADE_TIMEOUT, 0),
+        reward_errors=sg.status_counts.get(GRADE_ERROR, 0),
+        generate_seconds=sg.generate_seconds,
+        grade_seconds=sg.grade_seconds,
         files={"annotated": str(annotated), "selected": str(selected_path)},
-        config=dataclasses.asdict(cfg))
+        config=dataclasses.asdict(cfg),
+    )
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     label = model_label(cfg, model_path)
-    png = plot_pass_rate_histogram(summary["histogram"]["prompts"], df.k, out_dir / "pass_rates.png",
-                                   title=f"{label}: pass rates of {len(rows)} prompts (K={df.k})")
-    text = format_summary(summary, df.select, title=f"rlsys difficulty: {label} | {len(rows)} prompts x K={df.k} "
-                                                     f"samples | temperature {cfg.rollout.temperature:g}")
-    return DifficultyRun(annotated=annotated, selected=selected_path, summary_path=summary_path, histogram_png=png,
-                         summary=summary, text=text)
+    png = plot_pass_rate_histogram(
+        summary["histogram"]["prompts"],
+        df.k,
+        out_dir / "pass_rates.png",
+        title=f"{label}: pass rates of {len(rows)} prompts (K={df.k})",
+    )
+    text = format_summary(
+        summary,
+        df.select,
+        title=f"rlsys difficulty: {label} | {len(rows)} prompts x K={df.k} "
+        f"samples | temperature {cfg.rollout.temperature:g}",
+    )
+    return DifficultyRun(
+        annotated=annotated,
+        selected=selected_path,
+        summary_path=summary_path,
+        histogram_png=png,
+        summary=summary,
+        text=text,
+    )
 
 
-def _main() -> None:
-    import hydra
-    from omegaconf import DictConfig
-
-    from rlsys.config import register_configs, to_dataclass
-    from rlsys.hydra_app import CONF_DIR, fail, setup_logging, stop_on_signals
-
-    register_configs()
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-    def app(dcfg: DictConfig) -> None:
-        setup_logging()
-        with stop_on_signals("rlsys.difficulty") as status:  # SIGINT / SIGTERM: stop in seconds, exit 130 / 143
-            status.phase = "difficulty"
-            try:
-                run = run_difficulty(to_dataclass(dcfg))
-            except ConfigError as err:
-                fail(str(err))
-        print("\n" + run.text)
-        print(f"  annotated: {run.annotated}\n  selected:  {run.selected}\n  summary:   {run.summary_path}\n"
-              f"  histogram: {run.histogram_png}")
-
-    app()
+def format_run(run: DifficultyRun) -> str:
+    """What ``python -m rlsys.difficulty`` prints at the end: the summary and where the files are."""
+    return (
+        f"\n{run.text}\n"
+        f"  annotated: {run.annotated}\n  selected:  {run.selected}\n  summary:   {run.summary_path}\n"
+        f"  histogram: {run.histogram_png}"
+    )
 
 
-def main() -> None:
-    """Console entry point (``python -m rlsys.difficulty``)."""
-    _main()
+# Console entry point (``python -m rlsys.difficulty``); SIGINT / SIGTERM: stop in seconds, exit 130 / 143.
+main = hydra_entry("rlsys.difficulty", run_difficulty, format_run, phase="difficulty")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ Examples::
 
 Library use (the training driver, with pools that are already running)::
 
-    result = evaluate(rows, tokenizer, rollout_pool, reward_pool, n=64, ks=[1, 4, 16, 64], seed=0)
+    result = run_evaluation(cfg, rows, tokenizer, rollout_pool, reward_pool, logger, step, f"step_{step:06d}")
     logger.log(step, eval_metrics(result))
-    write_eval_outputs(result, out_dir / "eval", label=f"step_{step:06d}")
+
+which is :func:`evaluate` with ``cfg.eval``'s n, k, seed and chunking, plus :func:`write_eval_outputs`
+under :func:`eval_output_dir`.
 
 Pieces:
 
@@ -35,20 +37,32 @@ import math
 import re
 import time
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from rlsys.algo import pass_at_k
-from rlsys import signals
+
+# Re-exported: callers and scripts/study_fgrpo.py use rlsys.eval.eval_pools / make_*_pool.
+from rlsys.build import eval_pools, make_reward_pool, make_rollout_pool  # noqa: F401
+from rlsys.cli import hydra_entry
 from rlsys.config import ConfigError, RLConfig, resolve, validate
+from rlsys.data import encode_prompt, load_eval_rows
+from rlsys.models import base_model_path, load_tokenizer
 from rlsys.progress import Progress
-from rlsys.records import GRADE_ERROR, GRADE_INVALID, GRADE_STATUSES, GRADE_TIMEOUT, GradeRequest, PromptRow, \
-    RolloutRequest
+from rlsys.records import (
+    GRADE_ERROR,
+    GRADE_INVALID,
+    GRADE_STATUSES,
+    GRADE_TIMEOUT,
+    GradeRequest,
+    PromptRow,
+    RolloutRequest,
+)
 
 log = logging.getLogger("rlsys.eval")
 
@@ -76,7 +90,7 @@ class SampleGrades:
     lengths: np.ndarray  # [P, n] int32, response tokens
     truncated: np.ndarray  # [P, n] bool, hit max_tokens
     status_counts: dict[str, int]
-    distinct_correct: Optional[np.ndarray]  # [P] int64, or None
+    distinct_correct: np.ndarray | None  # [P] int64, or None
     generate_seconds: float
     grade_seconds: float
 
@@ -102,7 +116,7 @@ def default_prompts_per_call(n: int, num_workers: int) -> int:
     return max(1, (SAMPLES_PER_WORKER_CALL * max(1, num_workers)) // max(1, n))
 
 
-def canonicalizer_for(rows: Sequence[PromptRow]) -> Optional[Callable[[int, str], Optional[str]]]:
+def canonicalizer_for(rows: Sequence[PromptRow]) -> Callable[[int, str], str | None] | None:
     """``f(row_index, completion) -> canonical correct answer or None`` when every row is graded by a
     built-in task's own verifier (so its ``canonical_answer`` agrees with the grade), else None."""
     from rlsys.tasks import TASKS
@@ -116,8 +130,17 @@ def canonicalizer_for(rows: Sequence[PromptRow]) -> Optional[Callable[[int, str]
     return lambda i, completion: tasks[i].canonical_answer(completion, rows[i].answer)
 
 
-def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_pool, *, n: int, seed: int,
-                     max_prompts_per_call: Optional[int] = None, label: str = "eval") -> SampleGrades:
+def sample_and_grade(
+    rows: Sequence[PromptRow],
+    tokenizer,
+    rollout_pool,
+    reward_pool,
+    *,
+    n: int,
+    seed: int,
+    max_prompts_per_call: int | None = None,
+    label: str = "eval",
+) -> SampleGrades:
     """Sample ``n`` completions for every row with ``rollout_pool`` and grade them with ``reward_pool``.
 
     Sampling uses the pool's own settings (temperature, top_p, max_tokens of its RolloutSpec) and
@@ -129,8 +152,6 @@ def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_
     Raises ValueError for no rows, duplicate prompt ids, ``n < 1`` or ``max_prompts_per_call < 1``;
     rollout/reward failures propagate with the phase and actor named.
     """
-    from rlsys.driver import encode_prompt
-
     if not rows:
         raise ValueError(f"{label}: no prompts to sample")
     if n < 1:
@@ -139,8 +160,9 @@ def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"{label}: duplicate prompt ids {dup}; every prompt needs a unique prompt_id")
-    per_call = default_prompts_per_call(n, rollout_pool.num_workers) if max_prompts_per_call is None \
-        else max_prompts_per_call
+    per_call = (
+        default_prompts_per_call(n, rollout_pool.num_workers) if max_prompts_per_call is None else max_prompts_per_call
+    )
     if per_call < 1:
         raise ValueError(f"{label}: max_prompts_per_call must be >= 1, got {max_prompts_per_call}")
     reward_pool.validate_specs(sorted({r.verifier for r in rows}))
@@ -159,15 +181,21 @@ def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_
     def grade_chunk(lo: int, groups: list) -> float:
         # Runs in the grading thread; writes only rows lo..lo+len(groups) of the arrays above.
         t0 = time.perf_counter()
-        grades = reward_pool.grade([
-            GradeRequest(g.prompt_id, j, c.text, rows[lo + i].answer, rows[lo + i].verifier)
-            for i, g in enumerate(groups) for j, c in enumerate(g.completions)])
+        grades = reward_pool.grade(
+            [
+                GradeRequest(g.prompt_id, j, c.text, rows[lo + i].answer, rows[lo + i].verifier)
+                for i, g in enumerate(groups)
+                for j, c in enumerate(g.completions)
+            ]
+        )
         for idx, gr in enumerate(grades):
             i, j = divmod(idx, n)
             if (gr.prompt_id, gr.sample_index) != (groups[i].prompt_id, j):
                 # The pool promises request order; a mismatch would silently mis-score problems.
-                raise RuntimeError(f"{label}: grade {idx} of a chunk is for ({gr.prompt_id!r}, {gr.sample_index}), "
-                                   f"expected ({groups[i].prompt_id!r}, {j})")
+                raise RuntimeError(
+                    f"{label}: grade {idx} of a chunk is for ({gr.prompt_id!r}, {gr.sample_index}), "
+                    f"expected ({groups[i].prompt_id!r}, {j})"
+                )
             rewards[lo + i, j] = gr.reward
             correct[lo + i, j] = gr.correct
             counts[gr.status] += 1
@@ -175,7 +203,7 @@ def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_
             for j, c in enumerate(g.completions):
                 lengths[lo + i, j] = len(c.token_ids)
                 truncated[lo + i, j] = c.finish_reason == "length"
-            if distinct is not None:
+            if distinct is not None and canon is not None:
                 answers = {canon(lo + i, c.text) for j, c in enumerate(g.completions) if correct[lo + i, j]}
                 answers.discard(None)
                 distinct[lo + i] = len(answers)
@@ -183,12 +211,19 @@ def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_
 
     # Progress per chunk: the first, then at most one line every ~15 s, and the last (one line for a
     # single chunk); a tqdm bar instead when stderr is a terminal (rlsys.progress).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rlsys-{label}-grade") as pool, \
-            Progress(p, f"{label}: sampled", unit="prompt", logger=log,
-                     counts_fmt="{done}/{total} prompts x " + str(n) + " ({pct}%)") as progress:
-        pending: Optional[Future] = None
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rlsys-{label}-grade") as pool,
+        Progress(
+            p,
+            f"{label}: sampled",
+            unit="prompt",
+            logger=log,
+            counts_fmt="{done}/{total} prompts x " + str(n) + " ({pct}%)",
+        ) as progress,
+    ):
+        pending: Future | None = None
         for lo in range(0, p, per_call):
-            chunk = rows[lo:lo + per_call]
+            chunk = rows[lo : lo + per_call]
             requests = [RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r))) for r in chunk]
             t0 = time.perf_counter()
             groups, _ = rollout_pool.generate(requests, n, {r.prompt_id: eval_seed(seed, r.prompt_id) for r in chunk})
@@ -199,9 +234,17 @@ def sample_and_grade(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_
             progress.update(lo + len(chunk))
         if pending is not None:
             grade_seconds += pending.result()
-    return SampleGrades(prompt_ids=tuple(ids), correct=correct, rewards=rewards, lengths=lengths,
-                        truncated=truncated, status_counts=counts, distinct_correct=distinct,
-                        generate_seconds=gen_seconds, grade_seconds=grade_seconds)
+    return SampleGrades(
+        prompt_ids=tuple(ids),
+        correct=correct,
+        rewards=rewards,
+        lengths=lengths,
+        truncated=truncated,
+        status_counts=counts,
+        distinct_correct=distinct,
+        generate_seconds=gen_seconds,
+        grade_seconds=grade_seconds,
+    )
 
 
 # ================================ pass@k ==============================================================
@@ -225,8 +268,9 @@ def pass_at_k_table(n: Any, c: Any, ks: Sequence[int]) -> tuple[dict[int, float]
     for k in ks:
         per_problem = np.asarray(pass_at_k(n_arr, c_arr, int(k)), dtype=np.float64)
         mean[int(k)] = float(per_problem.mean())
-        stderr[int(k)] = float(per_problem.std(ddof=1) / math.sqrt(per_problem.size)) if per_problem.size > 1 \
-            else float("nan")
+        stderr[int(k)] = (
+            float(per_problem.std(ddof=1) / math.sqrt(per_problem.size)) if per_problem.size > 1 else float("nan")
+        )
     return mean, stderr
 
 
@@ -249,7 +293,7 @@ class EvalResult:
     mean_reward: float
     mean_response_length: float  # tokens, over all P * n samples
     truncated_fraction: float
-    distinct_correct: Optional[np.ndarray]  # [P] int64
+    distinct_correct: np.ndarray | None  # [P] int64
     num_timeouts: int
     num_errors: int
     num_invalid: int
@@ -262,7 +306,7 @@ class EvalResult:
         return len(self.prompt_ids)
 
     @property
-    def mean_distinct_correct(self) -> Optional[float]:
+    def mean_distinct_correct(self) -> float | None:
         """Mean distinct correct answers per problem (None without ``canonical_answer``)."""
         return None if self.distinct_correct is None else float(self.distinct_correct.mean())
 
@@ -293,7 +337,7 @@ class EvalResult:
         }
 
 
-def _finite_or_none(x: Optional[float]) -> Optional[float]:
+def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
@@ -303,12 +347,23 @@ def result_from_grades(sg: SampleGrades, ks: Sequence[int], seed: int) -> EvalRe
     n = np.full(c.shape, sg.correct.shape[1], dtype=np.int64)
     mean, stderr = pass_at_k_table(n, c, ks)
     return EvalResult(
-        prompt_ids=sg.prompt_ids, n=n, c=c, ks=tuple(int(k) for k in ks), pass_at_k=mean, pass_at_k_stderr=stderr,
-        mean_reward=float(sg.rewards.mean()), mean_response_length=float(sg.lengths.mean()),
-        truncated_fraction=float(sg.truncated.mean()), distinct_correct=sg.distinct_correct,
-        num_timeouts=sg.status_counts.get(GRADE_TIMEOUT, 0), num_errors=sg.status_counts.get(GRADE_ERROR, 0),
-        num_invalid=sg.status_counts.get(GRADE_INVALID, 0), seed=int(seed), generate_seconds=sg.generate_seconds,
-        grade_seconds=sg.grade_seconds)
+        prompt_ids=sg.prompt_ids,
+        n=n,
+        c=c,
+        ks=tuple(int(k) for k in ks),
+        pass_at_k=mean,
+        pass_at_k_stderr=stderr,
+        mean_reward=float(sg.rewards.mean()),
+        mean_response_length=float(sg.lengths.mean()),
+        truncated_fraction=float(sg.truncated.mean()),
+        distinct_correct=sg.distinct_correct,
+        num_timeouts=sg.status_counts.get(GRADE_TIMEOUT, 0),
+        num_errors=sg.status_counts.get(GRADE_ERROR, 0),
+        num_invalid=sg.status_counts.get(GRADE_INVALID, 0),
+        seed=int(seed),
+        generate_seconds=sg.generate_seconds,
+        grade_seconds=sg.grade_seconds,
+    )
 
 
 def check_ks(ks: Sequence[int], n: int) -> tuple[int, ...]:
@@ -318,14 +373,24 @@ def check_ks(ks: Sequence[int], n: int) -> tuple[int, ...]:
     out = []
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= n:
-            raise ValueError(f"every k must be an integer with 1 <= k <= n={n} (pass@k needs n >= k samples), "
-                             f"got {k!r}")
+            raise ValueError(
+                f"every k must be an integer with 1 <= k <= n={n} (pass@k needs n >= k samples), got {k!r}"
+            )
         out.append(int(k))
     return tuple(sorted(set(out)))
 
 
-def evaluate(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_pool, *, n: int, ks: Sequence[int],
-             seed: int, max_prompts_per_call: Optional[int] = None) -> EvalResult:
+def evaluate(
+    rows: Sequence[PromptRow],
+    tokenizer,
+    rollout_pool,
+    reward_pool,
+    *,
+    n: int,
+    ks: Sequence[int],
+    seed: int,
+    max_prompts_per_call: int | None = None,
+) -> EvalResult:
     """pass@k of the rollout pool's current weights on ``rows``, with pools that are already running.
 
     Draws ``n`` samples per row at the pool's sampling settings (see :func:`sample_and_grade`),
@@ -334,8 +399,16 @@ def evaluate(rows: Sequence[PromptRow], tokenizer, rollout_pool, reward_pool, *,
     Raises ValueError for a bad k, no rows or duplicate prompt ids, before any sampling.
     """
     ks_t = check_ks(ks, n)
-    sg = sample_and_grade(rows, tokenizer, rollout_pool, reward_pool, n=n, seed=seed,
-                          max_prompts_per_call=max_prompts_per_call, label="eval")
+    sg = sample_and_grade(
+        rows,
+        tokenizer,
+        rollout_pool,
+        reward_pool,
+        n=n,
+        seed=seed,
+        max_prompts_per_call=max_prompts_per_call,
+        label="eval",
+    )
     return result_from_grades(sg, ks_t, seed)
 
 
@@ -362,10 +435,15 @@ def format_table(result: EvalResult, title: str = "") -> str:
     lines.append(f"{'k':>6}  {'pass@k':>8}  {'± s.e.':>8}")
     for k in result.ks:
         se = result.pass_at_k_stderr[k]
-        lines.append(f"{k:>6}  {result.pass_at_k[k]:>8.4f}  {se:>8.4f}" if math.isfinite(se)
-                     else f"{k:>6}  {result.pass_at_k[k]:>8.4f}  {'-':>8}")
-    extra = [f"mean response length {result.mean_response_length:.1f} tokens "
-             f"({100 * result.truncated_fraction:.0f}% truncated)"]
+        lines.append(
+            f"{k:>6}  {result.pass_at_k[k]:>8.4f}  {se:>8.4f}"
+            if math.isfinite(se)
+            else f"{k:>6}  {result.pass_at_k[k]:>8.4f}  {'-':>8}"
+        )
+    extra = [
+        f"mean response length {result.mean_response_length:.1f} tokens "
+        f"({100 * result.truncated_fraction:.0f}% truncated)"
+    ]
     if result.distinct_correct is not None:
         extra.append(f"distinct correct answers/problem {result.mean_distinct_correct:.2f}")
     extra.append(f"reward timeouts {result.num_timeouts}, errors {result.num_errors}, invalid {result.num_invalid}")
@@ -389,8 +467,13 @@ def safe_label(label: str) -> str:
     return stem or "eval"
 
 
-def plot_pass_at_k(curves: Mapping[str, Mapping[int, float]], path: str | Path, *,
-                   errors: Optional[Mapping[str, Mapping[int, float]]] = None, title: str = "") -> Path:
+def plot_pass_at_k(
+    curves: Mapping[str, Mapping[int, float]],
+    path: str | Path,
+    *,
+    errors: Mapping[str, Mapping[int, float]] | None = None,
+    title: str = "",
+) -> Path:
     """Plot pass@k against k (log2 x axis, y in [0, 1]) for one or more labelled curves; write ``path``.
 
     ``curves``: ``{label: {k: pass@k}}``; ``errors``: optional ``{label: {k: standard error}}`` drawn
@@ -424,9 +507,16 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[int, float]], path: str | Path, 
             if len(curves) == 1:
                 for k, y in zip(ks, ys):
                     # Below-right of the point: clear of the error bar and of a rising curve.
-                    ax.annotate(f"{y:.3f}", (k, y), textcoords="offset points", xytext=(6, -6), ha="left",
-                                va="top", fontsize=8,
-                                bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8))
+                    ax.annotate(
+                        f"{y:.3f}",
+                        (k, y),
+                        textcoords="offset points",
+                        xytext=(6, -6),
+                        ha="left",
+                        va="top",
+                        fontsize=8,
+                        bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8),
+                    )
         ax.set_xscale("log", base=2)
         ticks = sorted(all_ks)
         ax.set_xticks(ticks)
@@ -449,8 +539,9 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[int, float]], path: str | Path, 
     return path
 
 
-def write_eval_outputs(result: EvalResult, out_dir: str | Path, label: str, *,
-                       config: Optional[Mapping[str, Any]] = None) -> EvalPaths:
+def write_eval_outputs(
+    result: EvalResult, out_dir: str | Path, label: str, *, config: Mapping[str, Any] | None = None
+) -> EvalPaths:
     """Write ``<label>.json`` (``{"label", "config", "result": EvalResult.to_dict()}``), ``<label>.csv``
     (columns k, pass_at_k, stderr; stderr empty when undefined) and ``<label>.png`` (pass@k vs k with
     error bars) under ``out_dir``; ``label`` is made file-name safe. Returns the three paths."""
@@ -459,8 +550,9 @@ def write_eval_outputs(result: EvalResult, out_dir: str | Path, label: str, *,
     stem = safe_label(label)
     paths = EvalPaths(json=out / f"{stem}.json", csv=out / f"{stem}.csv", png=out / f"{stem}.png")
     payload = {"label": label, "config": dict(config) if config is not None else None, "result": result.to_dict()}
-    paths.json.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n",
-                          encoding="utf-8")
+    paths.json.write_text(
+        json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n", encoding="utf-8"
+    )
     with open(paths.csv, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["k", "pass_at_k", "stderr"])
@@ -481,6 +573,76 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
 
 
+# ================================ evaluation inside a training run ====================================
+
+
+def eval_output_dir(cfg: RLConfig) -> Path:
+    """Where evaluations write their files: ``eval.output_dir``, else ``<run.output_dir>/eval``."""
+    return Path(cfg.eval.output_dir or Path(cfg.run.output_dir) / "eval")
+
+
+def run_evaluation(
+    cfg: RLConfig, rows: list[PromptRow], tokenizer, rollout, reward_pool, logger, step: int, label: str
+) -> EvalResult:
+    """Held-out pass@k of the training rollout engines' current weights, for the training loop.
+
+    Takes from ``cfg.eval``: ``n``, ``k``, ``seed``, ``max_prompts_per_call`` and ``output_dir`` (files
+    ``<label>.json|csv|png`` under :func:`eval_output_dir`). The samples come from the training
+    engines, so they are drawn at ``rollout.temperature`` / ``rollout.max_tokens``: ``eval.temperature``
+    and ``eval.max_tokens`` apply to ``python -m rlsys.eval`` only (logged once when they differ).
+    Logs the table and the plot (``eval/plot_<label>``) through ``logger``.
+    """
+    e = cfg.eval
+    _warn_sampling_differs(cfg)
+    result = evaluate(
+        rows,
+        tokenizer,
+        rollout,
+        reward_pool,
+        n=e.n,
+        ks=list(e.k),
+        seed=e.seed,
+        max_prompts_per_call=e.max_prompts_per_call,
+    )
+    paths = write_eval_outputs(result, eval_output_dir(cfg), label)
+    log.info("eval [%s]\n%s", label, format_table(result, f"held-out eval at step {step}"))
+    logger.log_image(f"eval/plot_{label}", str(paths.png), step=step)
+    return result
+
+
+_warned_sampling: set[tuple[Any, ...]] = set()
+
+
+def _warn_sampling_differs(cfg: RLConfig) -> None:
+    e, r = cfg.eval, cfg.rollout
+    key = (e.temperature, e.max_tokens, r.temperature, r.max_tokens)
+    if key in _warned_sampling or (e.temperature == r.temperature and e.max_tokens in (None, r.max_tokens)):
+        return
+    _warned_sampling.add(key)
+    log.warning(
+        "in-training evaluation samples with the training engines (rollout.temperature=%g, "
+        "rollout.max_tokens=%d); eval.temperature=%g / eval.max_tokens=%s apply to python -m rlsys.eval "
+        "only",
+        r.temperature,
+        r.max_tokens,
+        e.temperature,
+        e.max_tokens,
+    )
+
+
+def plot_training_evals(cfg: RLConfig, evals: Mapping[str, EvalResult], num_problems: int) -> str:
+    """The training run's pass@k curves (``{"start": ..., "end": ...}``) in one plot,
+    ``pass_at_k_start_vs_end.png`` under :func:`eval_output_dir`; returns its path."""
+    return str(
+        plot_pass_at_k(
+            {f"{name} of training": dict(e.pass_at_k) for name, e in evals.items()},
+            eval_output_dir(cfg) / "pass_at_k_start_vs_end.png",
+            errors={f"{name} of training": dict(e.pass_at_k_stderr) for name, e in evals.items()},
+            title=f"held-out pass@k ({num_problems} problems, n={cfg.eval.n})",
+        )
+    )
+
+
 # ================================ the CLI =============================================================
 
 
@@ -488,109 +650,20 @@ def check_eval_resources(cfg: RLConfig, available: int) -> None:
     """Eval/difficulty start rollout + reward actors only (no learners): check those against the cluster."""
     if cfg.cluster.address is not None:
         return
-    need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker \
+    need = (
+        cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
         + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
+    )
     if need > available:
-        raise ConfigError(f"invalid config cluster.num_cpus={available!r}: the rollout and reward workers ask for "
-                          f"{need:g} CPUs; raise cluster.num_cpus (oversubscribing is fine) or lower "
-                          "rollout.num_cpus_per_worker / reward.num_cpus_per_worker")
+        raise ConfigError(
+            f"invalid config cluster.num_cpus={available!r}: the rollout and reward workers ask for "
+            f"{need:g} CPUs; raise cluster.num_cpus (oversubscribing is fine) or lower "
+            "rollout.num_cpus_per_worker / reward.num_cpus_per_worker"
+        )
 
 
-def make_reward_pool(cfg: RLConfig):
-    """A RewardPool built from ``cfg.reward`` (Ray must be connected)."""
-    from rlsys.rewards.pool import RewardPool
-
-    w = cfg.reward
-    return RewardPool(num_workers=w.num_workers, procs_per_worker=w.procs_per_worker, timeout_s=w.timeout_s,
-                      success_threshold=w.success_threshold, memory_limit_mb=w.memory_limit_mb,
-                      allowed_functions=tuple(w.allowed_functions), num_cpus=w.num_cpus_per_worker)
-
-
-def make_rollout_pool(cfg: RLConfig, model_path: str, *, temperature: float, max_tokens: int):
-    """A RolloutPool from ``cfg.rollout`` with the given sampling temperature and response cap."""
-    from rlsys.driver import rollout_spec, rollout_threads
-    from rlsys.workers.rollout import RolloutPool
-
-    spec = dataclasses.replace(rollout_spec(cfg, model_path), temperature=temperature, max_tokens=max_tokens)
-    r = cfg.rollout
-    return RolloutPool(spec, r.num_workers, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
-                       timeout_s=r.timeout_s, num_threads=rollout_threads(cfg, r.num_workers))
-
-
-@contextmanager
-def eval_pools(cfg: RLConfig, model_path: str, rows: Sequence[PromptRow], *, temperature: float,
-               max_tokens: int) -> Iterator[tuple[Any, Any]]:
-    """Start a RolloutPool and a RewardPool side by side (Ray connected); yield ``(rollout, reward)``;
-    shut both down on exit, also when either fails to start.
-
-    The rows' verifier specs are checked against ``reward.allowed_functions`` before anything
-    starts and resolved inside the reward actors before the pools are handed out.
-    """
-    from rlsys.rewards.verifiers import check_spec_allowed
-
-    specs = sorted({r.verifier for r in rows})
-    for spec in specs:
-        try:
-            check_spec_allowed(spec, tuple(cfg.reward.allowed_functions))
-        except ValueError as err:
-            raise ConfigError(f"invalid config reward.allowed_functions={list(cfg.reward.allowed_functions)!r}: "
-                              f"{err}") from None
-    t0 = time.perf_counter()
-    # The vLLM engine and the verifier sandboxes take seconds each to start: overlap them.
-    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsys-rollout-start")
-    try:
-        rollout_future = ex.submit(make_rollout_pool, cfg, model_path, temperature=temperature, max_tokens=max_tokens)
-        reward_pool = None
-        try:
-            reward_pool = make_reward_pool(cfg)
-            reward_pool.validate_specs(specs)
-        except BaseException:
-            if reward_pool is not None:
-                reward_pool.shutdown()
-            if not signals.stopping():
-                _shutdown_once_started(rollout_future)
-            raise
-        try:
-            rollout_pool = rollout_future.result()
-        except BaseException:
-            reward_pool.shutdown()
-            raise
-    finally:
-        # On Ctrl-C / SIGTERM never wait for an engine still starting: the stop kills its actor.
-        ex.shutdown(wait=not signals.stopping(), cancel_futures=True)
-    log.info("actors up in %.1f s: %d rollout, %d reward workers", time.perf_counter() - t0,
-             rollout_pool.num_workers, reward_pool.num_workers)
-    try:
-        yield rollout_pool, reward_pool
-    finally:
-        rollout_pool.shutdown()
-        reward_pool.shutdown()
-
-
-def _shutdown_once_started(future: Future) -> None:
-    """Wait for a pool that is still starting and shut it down (its own start error is secondary)."""
-    try:
-        future.result().shutdown()
-    except Exception as err:  # noqa: BLE001 - the caller is already raising the primary error
-        log.warning("while cleaning up, the rollout pool failed to start or stop: %s", err)
-
-
-def load_eval_rows(cfg: RLConfig) -> list[PromptRow]:
-    """The evaluation problems: a built-in task's ``eval.split`` (``eval.num_prompts`` rows generated
-    with ``eval.seed``), or the first ``eval.num_prompts`` rows of ``data.path``."""
-    d, e = cfg.data, cfg.eval
-    if d.task is not None:
-        from rlsys.tasks import get_task
-
-        return get_task(d.task).generate(e.split, e.num_prompts, seed=e.seed)
-    from rlsys.data import load_rows
-
-    rows, report = load_rows(d.path, prompt_key=d.prompt_key, answer_key=d.answer_key, id_key=d.id_key,
-                             verifier=d.verifier, system_prompt=d.system_prompt, on_bad_row=d.on_bad_row,
-                             answer_after=d.answer_after, limit=e.num_prompts)
-    if report.num_skipped:
-        log.warning("data: skipped %d malformed rows of %s: %s", report.num_skipped, d.path, report.reasons)
-    return rows
+# make_reward_pool, make_rollout_pool, eval_pools: moved to rlsys.build (imported above, so
+# ``rlsys.eval.eval_pools`` keeps working); load_eval_rows: moved to rlsys.data.
 
 
 def model_label(cfg: RLConfig, model_path: str) -> str:
@@ -617,82 +690,77 @@ def run_eval(cfg: RLConfig) -> EvalRun:
     from rlsys import cluster
 
     cfg = resolve(cfg)  # absolute paths (actors have another cwd), model.dtype for this hardware
-    validate(cfg)  # includes 1 <= k <= eval.n for every eval.k
-    e = cfg.eval
-    if e.max_prompts_per_call is not None and e.max_prompts_per_call < 1:
-        raise ConfigError(f"invalid config eval.max_prompts_per_call={e.max_prompts_per_call!r}: must be >= 1 "
-                          "(or null for automatic chunking)")
-    if e.max_tokens is not None and e.max_tokens < 1:
-        raise ConfigError(f"invalid config eval.max_tokens={e.max_tokens!r}: must be >= 1 (or null for "
-                          "rollout.max_tokens)")
+    validate(cfg)  # includes 1 <= k <= eval.n for every eval.k, eval.max_tokens, eval.max_prompts_per_call
     with cluster.session(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace) as cpus:
         check_eval_resources(cfg, cpus)
         return _run_eval(cfg)
 
 
 def _run_eval(cfg: RLConfig) -> EvalRun:
-    from transformers import AutoTokenizer
-
-    from rlsys.driver import resolve_model_path
     from rlsys.metrics import MetricsLogger
 
     e = cfg.eval
-    out_dir = Path(e.output_dir or Path(cfg.run.output_dir) / "eval")
-    model_path = resolve_model_path(cfg)
+    out_dir = eval_output_dir(cfg)
+    model_path = base_model_path(cfg.model)
     label = model_label(cfg, model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(cfg.model, model_path)
     rows = load_eval_rows(cfg)
     max_tokens = e.max_tokens or cfg.rollout.max_tokens
-    log.info("eval: %d problems x %d samples, k=%s, temperature %g, max_tokens %d; model %s", len(rows), e.n,
-             list(e.k), e.temperature, max_tokens, model_path)
+    log.info(
+        "eval: %d problems x %d samples, k=%s, temperature %g, max_tokens %d; model %s",
+        len(rows),
+        e.n,
+        list(e.k),
+        e.temperature,
+        max_tokens,
+        model_path,
+    )
 
-    with eval_pools(cfg, model_path, rows, temperature=e.temperature, max_tokens=max_tokens) as (rollout_pool,
-                                                                                                 reward_pool):
-        result = evaluate(rows, tokenizer, rollout_pool, reward_pool, n=e.n, ks=e.k, seed=e.seed,
-                          max_prompts_per_call=e.max_prompts_per_call)
+    with eval_pools(cfg, model_path, rows, temperature=e.temperature, max_tokens=max_tokens) as (
+        rollout_pool,
+        reward_pool,
+    ):
+        result = evaluate(
+            rows,
+            tokenizer,
+            rollout_pool,
+            reward_pool,
+            n=e.n,
+            ks=e.k,
+            seed=e.seed,
+            max_prompts_per_call=e.max_prompts_per_call,
+        )
 
     config = dataclasses.asdict(cfg)
     config["model_path_resolved"] = model_path
     paths = write_eval_outputs(result, out_dir, label, config=config)
-    logger = MetricsLogger(out_dir, wandb_mode=cfg.logger.wandb_mode, project=cfg.logger.project,
-                           entity=cfg.logger.entity, run_name=cfg.run.name or f"eval-{label}", config=config)
+    logger = MetricsLogger(
+        out_dir,
+        wandb_mode=cfg.logger.wandb_mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        run_name=cfg.run.name or f"eval-{label}",
+        config=config,
+    )
     try:
         logger.log(0, eval_metrics(result))
         logger.log_image("eval/pass_at_k", str(paths.png), step=0)
     finally:
         logger.close()
-    title = (f"rlsys eval: {label} | {result.num_problems} problems x {e.n} samples | "
-             f"temperature {e.temperature:g}, max_tokens {max_tokens}")
+    title = (
+        f"rlsys eval: {label} | {result.num_problems} problems x {e.n} samples | "
+        f"temperature {e.temperature:g}, max_tokens {max_tokens}"
+    )
     return EvalRun(result=result, paths=paths, label=label, table=format_table(result, title))
 
 
-def _main() -> None:
-    import hydra
-    from omegaconf import DictConfig
-
-    from rlsys.config import register_configs, to_dataclass
-    from rlsys.hydra_app import CONF_DIR, fail, setup_logging, stop_on_signals
-
-    register_configs()
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-    def app(dcfg: DictConfig) -> None:
-        setup_logging()
-        with stop_on_signals("rlsys.eval") as status:  # SIGINT / SIGTERM: stop in seconds, exit 130 / 143
-            status.phase = "eval"
-            try:
-                run = run_eval(to_dataclass(dcfg))
-            except ConfigError as err:
-                fail(str(err))
-        print("\n" + run.table)
-        print(f"  json: {run.paths.json}\n  csv:  {run.paths.csv}\n  plot: {run.paths.png}")
-
-    app()
+def format_run(run: EvalRun) -> str:
+    """What ``python -m rlsys.eval`` prints at the end: the table and where the outputs are."""
+    return f"\n{run.table}\n  json: {run.paths.json}\n  csv:  {run.paths.csv}\n  plot: {run.paths.png}"
 
 
-def main() -> None:
-    """Console entry point (``python -m rlsys.eval``)."""
-    _main()
+# Console entry point (``python -m rlsys.eval``); SIGINT / SIGTERM: stop in seconds, exit 130 / 143.
+main = hydra_entry("rlsys.eval", run_eval, format_run, phase="eval")
 
 
 if __name__ == "__main__":

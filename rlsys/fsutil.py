@@ -8,8 +8,8 @@ import fcntl
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager
@@ -39,3 +39,19 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(src, dst)
+
+
+# Directories being written (a checkpoint under construction); a stop (rlsys.signals) removes them
+# before the process exits. The set lives here, below both, so that rlsys.checkpoint does not import
+# rlsys.signals, which imports rlsys.checkpoint to name the last complete checkpoint in its stop line.
+partial_dirs: set[str] = set()
+
+
+def track_partial(path: str | os.PathLike[str]) -> None:
+    """``path`` is being written; a stop removes it (rlsys.checkpoint.begin)."""
+    partial_dirs.add(str(path))
+
+
+def untrack_partial(path: str | os.PathLike[str]) -> None:
+    """``path`` is complete or gone (rlsys.checkpoint.commit)."""
+    partial_dirs.discard(str(path))

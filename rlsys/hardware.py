@@ -4,7 +4,7 @@ Pure Python + torch (no Ray, vLLM, DeepSpeed or Hydra), so the decision is unit-
 injecting a :class:`Probe`.
 
 Why it matters: on an x86 CPU without AVX512_BF16 (or AMX-BF16), PyTorch and oneDNN emulate bf16
-matrix products, which are then ~30-40x slower than float32 (measured numbers: ``docs/hardware.md``).
+matrix products, which are then many times slower than float32 (measurements: docs/lab-notes.md#hardware).
 ``auto`` therefore picks bfloat16 only where the device computes it natively:
 
 * CUDA: compute capability >= 8.0 (Ampere and later);
@@ -19,15 +19,23 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 log = logging.getLogger("rlsys.hardware")
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 dot products.
-_ONEDNN_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
-                     "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
-                     "AVX10_2_512_AMX_2")
+_ONEDNN_BF16_ISAS = (
+    "ALL",
+    "DEFAULT",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class Probe:
     """The facts the decision rests on (``probe()`` reads them from this machine)."""
 
     device: str  # "cuda" | "cpu"
-    cuda_capability: Optional[tuple[int, int]] = None  # (major, minor) when device == "cuda"
+    cuda_capability: tuple[int, int] | None = None  # (major, minor) when device == "cuda"
     cuda_name: str = ""
     cpu_flags: frozenset[str] = frozenset()  # /proc/cpuinfo flags (empty where unknown)
     torch_cpu_capability: str = ""  # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", ...
@@ -61,7 +69,7 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def probe(device: Optional[str] = None) -> Probe:
+def probe(device: str | None = None) -> Probe:
     """Read this machine. ``device``: "cuda" or "cpu"; None: cuda when torch sees a GPU."""
     import platform
 
@@ -69,14 +77,21 @@ def probe(device: Optional[str] = None) -> Probe:
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cap, name = None, ""
+    cap: tuple[int, int] | None = None
+    name = ""
     if device == "cuda" and torch.cuda.is_available():
-        cap = tuple(torch.cuda.get_device_capability(0))
+        major, minor = torch.cuda.get_device_capability(0)
+        cap = (major, minor)
         name = torch.cuda.get_device_name(0)
-    return Probe(device=device, cuda_capability=cap, cuda_name=name, cpu_flags=_cpu_flags(),
-                 torch_cpu_capability=str(torch.backends.cpu.get_cpu_capability()),
-                 onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper(),
-                 machine=platform.machine())
+    return Probe(
+        device=device,
+        cuda_capability=cap,
+        cuda_name=name,
+        cpu_flags=_cpu_flags(),
+        torch_cpu_capability=str(torch.backends.cpu.get_cpu_capability()),
+        onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper(),
+        machine=platform.machine(),
+    )
 
 
 def native_bf16(p: Probe) -> tuple[bool, str]:
@@ -124,8 +139,11 @@ def warn_slow_bf16(choice: DtypeChoice) -> bool:
     if choice.dtype != "bfloat16" or choice.native_bf16 or choice.reason in _warned:
         return False
     _warned.add(choice.reason)
-    log.warning("model.dtype=bfloat16 but %s: bf16 matrix products are emulated here, typically 30-40x "
-                "slower than float32; use model.dtype=auto (or float32)", choice.reason.split(";")[0])
+    log.warning(
+        "model.dtype=bfloat16 but %s: bf16 matrix products are emulated here, typically 30-40x "
+        "slower than float32; use model.dtype=auto (or float32)",
+        choice.reason.split(";")[0],
+    )
     return True
 
 
@@ -134,7 +152,7 @@ def dtype_device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 else "cpu"
 
 
-def cpu_times() -> Optional[tuple[int, int]]:
+def cpu_times() -> tuple[int, int] | None:
     """(busy, total) jiffies of all CPUs of this machine since boot, from /proc/stat; None elsewhere.
 
     Two readings give the machine-wide utilisation in between: ``(busy1 - busy0) / (total1 - total0)``
@@ -153,7 +171,7 @@ def cpu_times() -> Optional[tuple[int, int]]:
     return total - idle, total
 
 
-def utilisation(start: Optional[tuple[int, int]], end: Optional[tuple[int, int]]) -> float:
+def utilisation(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float:
     """Fraction of all cores busy between two :func:`cpu_times` readings (nan if unknown)."""
     if start is None or end is None or end[1] <= start[1]:
         return float("nan")

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, cast
 
 log = logging.getLogger("rlsys.metrics")
 
@@ -19,26 +19,43 @@ log = logging.getLogger("rlsys.metrics")
 class MetricsLogger:
     """Append-only metrics sink. ``log(step, metrics)`` writes one line and forwards to W&B."""
 
-    def __init__(self, output_dir: str | os.PathLike, *, wandb_mode: str = "offline", project: str = "rlsys",
-                 entity: Optional[str] = None, run_name: Optional[str] = None, config: Optional[dict] = None,
-                 run_id: Optional[str] = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        wandb_mode: str = "offline",
+        project: str = "rlsys",
+        entity: str | None = None,
+        run_name: str | None = None,
+        config: dict | None = None,
+        run_id: str | None = None,
+    ):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the logger's lifetime, see close()
         self._wandb = None
         self.run_id = run_id
         if wandb_mode != "disabled":
             import wandb
 
             # W&B writes its offline run under output_dir/wandb; `wandb sync` uploads it later.
-            self._wandb = wandb.init(project=project, entity=entity, name=run_name, mode=wandb_mode,
-                                     dir=str(self.dir), config=config or {}, id=run_id,
-                                     resume="allow" if run_id else None, reinit="finish_previous")
+            self._wandb = wandb.init(
+                project=project,
+                entity=entity,
+                name=run_name,
+                # rlsys.config validated it against choices.WANDB_MODES; wandb's stub wants the literal type.
+                mode=cast(Literal["offline", "online", "disabled"], wandb_mode),
+                dir=str(self.dir),
+                config=config or {},
+                id=run_id,
+                resume="allow" if run_id else None,
+                reinit="finish_previous",
+            )
             self.run_id = self._wandb.id
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        row = {"step": int(step)}
+        row: dict[str, Any] = {"step": int(step)}
         for k, v in metrics.items():
             if isinstance(v, bool):
                 v = int(v)
@@ -55,9 +72,9 @@ class MetricsLogger:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=int(step))
+            self._wandb.log({key: wandb.Table(columns=list(columns), data=rows)}, step=int(step))
 
-    def log_image(self, key: str, path: str, step: Optional[int] = None) -> None:
+    def log_image(self, key: str, path: str, step: int | None = None) -> None:
         if self._wandb is not None:
             import wandb
 

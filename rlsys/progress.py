@@ -30,14 +30,15 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 DEFAULT_INTERVAL_S = 15.0
 
 _log = logging.getLogger(__name__)
 
 
-def format_duration(seconds: Optional[float]) -> str:
+def format_duration(seconds: float | None) -> str:
     """``4.2s``, ``35s``, ``4m10s``, ``1h02m``, ``2d03h``; ``?`` for None / NaN / inf."""
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -56,7 +57,7 @@ def format_duration(seconds: Optional[float]) -> str:
     return f"{r // 24}d{r % 24:02d}h"
 
 
-def format_rate(rate: Optional[float], unit: str) -> str:
+def format_rate(rate: float | None, unit: str) -> str:
     """``5.3 prompt/s`` at one unit a second or more, else ``0.62 s/step``; ``?`` when unknown."""
     if rate is None or not math.isfinite(rate) or rate <= 0:
         return f"? s/{unit}"
@@ -74,7 +75,7 @@ def interval_from_env(default: float = DEFAULT_INTERVAL_S) -> float:
     return v if v >= 0 and math.isfinite(v) else default
 
 
-def want_bar(stream: Optional[TextIO] = None) -> bool:
+def want_bar(stream: TextIO | None = None) -> bool:
     """A tqdm bar when ``stream`` (default: stderr) is a terminal, unless ``RLSYS_PROGRESS`` says
     otherwise (``lines`` / ``bar``)."""
     mode = os.environ.get("RLSYS_PROGRESS", "").strip().lower()
@@ -98,10 +99,20 @@ class Progress:
     :meth:`timing` give the text to put into a log line of one's own. ``clock`` is injectable for tests.
     """
 
-    def __init__(self, total: int, desc: str = "", *, unit: str = "step", initial: int = 0,
-                 interval_s: Optional[float] = None, bar: Optional[bool] = None,
-                 logger: Optional[logging.Logger] = None, clock: Callable[[], float] = time.monotonic,
-                 stream: Optional[TextIO] = None, counts_fmt: str = "{done}/{total} ({pct}%)"):
+    def __init__(
+        self,
+        total: int,
+        desc: str = "",
+        *,
+        unit: str = "step",
+        initial: int = 0,
+        interval_s: float | None = None,
+        bar: bool | None = None,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        stream: TextIO | None = None,
+        counts_fmt: str = "{done}/{total} ({pct}%)",
+    ):
         if total < 0 or initial < 0:
             raise ValueError(f"progress: total and initial must be >= 0, got {total} and {initial}")
         self.total = int(total)
@@ -129,13 +140,13 @@ class Progress:
         return max(0.0, self._clock() - self.t_start)
 
     @property
-    def rate(self) -> Optional[float]:
+    def rate(self) -> float | None:
         """Units per second since the tracker started; None before the first unit."""
         n, dt = self.done - self.initial, self.elapsed
         return n / dt if n > 0 and dt > 0 else None
 
     @property
-    def eta(self) -> Optional[float]:
+    def eta(self) -> float | None:
         """Seconds left at the mean rate so far; 0 when done; None before the first unit."""
         left = self.total - self.done
         if left <= 0:
@@ -169,7 +180,7 @@ class Progress:
             return False
         return not self._emitted_first or self._clock() - self._last_emit_t >= self.interval_s
 
-    def update(self, n_done: int, info: str = "", *, emit: Optional[bool] = None) -> bool:
+    def update(self, n_done: int, info: str = "", *, emit: bool | None = None) -> bool:
         """Set the number of units done (clamped to ``total``); returns whether a line was logged."""
         n_done = min(max(int(n_done), self.initial), self.total)
         delta, self.done = n_done - self.done, n_done
@@ -186,17 +197,25 @@ class Progress:
         self._emitted_last = self.done >= self.total
         return True
 
-    def advance(self, n: int = 1, info: str = "", *, emit: Optional[bool] = None) -> bool:
+    def advance(self, n: int = 1, info: str = "", *, emit: bool | None = None) -> bool:
         return self.update(self.done + n, info, emit=emit)
 
     # ---- the bar --------------------------------------------------------------------------------
-    def _open_bar(self, stream: Optional[TextIO]) -> None:
+    def _open_bar(self, stream: TextIO | None) -> None:
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        self._bar = tqdm(total=self.total, initial=self.initial, desc=self.desc or None, unit=self.unit,
-                         file=stream if stream is not None else sys.stderr, leave=False, dynamic_ncols=True,
-                         mininterval=0.5, smoothing=0.1)
+        self._bar = tqdm(
+            total=self.total,
+            initial=self.initial,
+            desc=self.desc or None,
+            unit=self.unit,
+            file=stream if stream is not None else sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0.5,
+            smoothing=0.1,
+        )
         # Console log lines go through tqdm.write while the bar is open.
         self._redirect = logging_redirect_tqdm(tqdm_class=tqdm)
         self._redirect.__enter__()
@@ -211,7 +230,7 @@ class Progress:
             bar, self._bar = self._bar, None
             bar.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

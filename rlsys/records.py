@@ -9,7 +9,7 @@ P prompt tokens, L = P + T padded sequence length. ``response_mask`` is True whe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -116,9 +116,7 @@ class TrainBatch:
         n, length = self.input_ids.shape
         for name in ("attention_mask", "response_mask", "rollout_logprobs"):
             if getattr(self, name).shape != (n, length):
-                raise ValueError(
-                    f"TrainBatch.{name} has shape {getattr(self, name).shape}, expected {(n, length)}"
-                )
+                raise ValueError(f"TrainBatch.{name} has shape {getattr(self, name).shape}, expected {(n, length)}")
         if self.advantages.shape != (n,):
             raise ValueError(f"TrainBatch.advantages has shape {self.advantages.shape}, expected {(n,)}")
         if not self.loss_normalizer > 0:
@@ -131,7 +129,14 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class TrainStats:
-    """What one optimizer step on a learner reports (token-weighted means over its rows)."""
+    """What one optimizer step on the learners reports: GLOBAL numbers, identical on every rank.
+
+    Means are token-weighted over all ranks' response tokens; ``loss`` is the global loss (the sum
+    of every micro-batch loss); ``ratio_*`` are importance ratios pi_theta / pi_old (1 with no
+    response token). The optional fields are None where the step did not compute them: ``kl``
+    without a reference policy (``kl_coef`` 0), ``tis_*`` without truncated importance sampling
+    (``tis_cap`` None); the learner always fills the others (None only in hand-built stats).
+    """
 
     loss: float
     pg_loss: float
@@ -144,5 +149,60 @@ class TrainStats:
     rollout_logprob_diff: float  # mean |log pi_learner_old - log pi_rollout| over response tokens
     ratio_max: float
     skipped: bool = False  # True when the step was skipped for non-finite loss/gradients
-    seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # wall-clock of the whole step on this rank
+    ratio_mean: float | None = None
+    ratio_min: float | None = None
+    kl: float | None = None  # mean k3 estimate of KL(pi_theta || pi_ref) over response tokens, before the update
+    tis_weight_mean: float | None = None  # mean truncated IS weight min(pi_old / pi_rollout, cap)
+    tis_clip_fraction: float | None = None  # fraction of response tokens whose IS weight hit the cap
+    num_sequences: int | None = None  # rows with at least one response token, all ranks
+    num_micro_batches: int | None = None  # per rank (every rank runs the same number)
+    applied_steps: int | None = None  # optimizer steps applied so far, this one included unless skipped
+    old_logprob_seconds: float | None = None  # wall-clock of the no-grad passes before the update (pi_ref)
+
+    def metrics(self) -> dict[str, float]:
+        """The ``train/*`` metrics the driver logs for this step (docs/metrics.md lists each key).
+
+        ``train/tis_*`` only when truncated IS ran, ``train/kl`` only when the KL to the reference
+        policy was computed; the rest always. Counts stay ints (``train/tokens``, ``train/skipped``).
+        """
+        m: dict[str, float] = {
+            "train/loss": self.loss,
+            "train/pg_loss": self.pg_loss,
+            "train/clip_fraction": self.clip_fraction,
+            "train/grad_norm": self.grad_norm,
+            "train/entropy": self.entropy,
+            "train/approx_kl": self.approx_kl,
+            "train/lr": self.lr,
+            "train/ratio_max": self.ratio_max,
+            "train/rollout_logprob_diff": self.rollout_logprob_diff,
+            "train/tokens": self.num_tokens,
+            "train/skipped": int(self.skipped),
+        }
+        for name in ("tis_weight_mean", "tis_clip_fraction", "kl"):
+            value = getattr(self, name)
+            if value is not None:
+                m[f"train/{name}"] = value
+        return m
+
+    @property
+    def extra(self) -> dict[str, float]:
+        """Deprecated read-only view of the optional fields that are set, as floats (the old ``extra`` dict).
+
+        Kept so that code reading ``stats.extra["kl"]`` keeps working; read the typed fields instead.
+        """
+        return {name: float(value) for name in _TRAIN_STATS_OPTIONAL if (value := getattr(self, name)) is not None}
+
+
+# TrainStats' optional fields, in the order the old ``extra`` dict listed them.
+_TRAIN_STATS_OPTIONAL = (
+    "ratio_mean",
+    "ratio_min",
+    "num_sequences",
+    "num_micro_batches",
+    "old_logprob_seconds",
+    "applied_steps",
+    "kl",
+    "tis_weight_mean",
+    "tis_clip_fraction",
+)

@@ -43,7 +43,7 @@ class PromptSampler:
                 self.cursor = 0
                 self._perm = self._permutation(self.epoch)
             k = min(n - len(out), self.num_rows - self.cursor)
-            out.extend(int(i) for i in self._perm[self.cursor:self.cursor + k])
+            out.extend(int(i) for i in self._perm[self.cursor : self.cursor + k])
             self.cursor += k
         return out
 

@@ -11,7 +11,7 @@ a higher pass@k. Examples::
     python -m rlsys.sft data.task=sort
 
 What it trains on. Prompts are the task's ``train`` split (``sft.num_examples`` rows, generated with
-``sft.seed``), chat-templated exactly as the RL driver does (:func:`rlsys.driver.encode_prompt`);
+``sft.seed``), chat-templated exactly as the RL driver does (:func:`rlsys.data.encode_prompt`);
 the response is ``tokenizer.encode(task.reference_solution(row, rng)) + [EOS]``. Every epoch (one
 pass over the shuffled rows) draws FRESH reference solutions from the task's prior: for countdown
 that prior is skewed (rank r among a prompt's solutions has probability ~ 1/r^2), so the warm-started
@@ -28,7 +28,7 @@ and the token-mean aggregation with the global token count as normalizer makes t
 exactly that of the mean per-token NLL of the batch. Checked numerically:
 ``tests/integration/test_sft.py::test_nll_step_has_the_nll_gradient`` compares the learner's
 reported (pre-clip) gradient norm with that of ``mean NLL`` computed by plain PyTorch on the same
-batch (measured: 8.5e-8 relative in float32, 2e-3 in bfloat16; the ratio is exactly 1 in both), and
+batch (the measured differences: docs/lab-notes.md#sft), and
 the learner's batch NLL (below) equals the reference NLL.
 
 What it logs. The training NLL per token of every step comes for free: the batch is built with
@@ -53,17 +53,8 @@ on ``sft.eval_prompts`` prompts of the ``test`` and ``ood`` splits, graded with 
 ``verify``; the report holds pass@1 / pass@k and, per prompt, the number of distinct correct
 canonical answers found vs the number that exist (:meth:`rlsys.tasks.base.Task.solutions`).
 
-Measured (Nov 2026; built-in tiny model, 4.2M params; countdown; one learner on one core of a
-shared 2-core VM, bf16, ZeRO-2; 0.66 s/step idle, 0.75-1.4 s/step under other jobs' load; pi_old
-recomputation is ~20% of a step). Defaults (600 steps x 64 rows, lr 5e-4 after 20 warmup steps,
-6000 prompts): held-out test NLL/token 7.03 -> 1.05 (step 50) -> 0.69 (100) -> 0.58 (200) -> 0.50
-(300) -> 0.45 (400) -> 0.39 (600); 451 s of training under load (~400 s idle), ~20 s for the
-evaluation. pass@k at temperature 1, 16 samples x 256 prompts: test pass@1 0.134, pass@16 0.727,
-0.99 distinct correct answers per prompt of 3.35 that exist (21% of prompts show >= 2); ood (5
-numbers) pass@1 0.034, pass@16 0.246, 0.29 of 11.7. At 300 steps (~3.3 min idle): test pass@1 ~0.05-
-0.06, pass@16 ~0.45. lr 1e-3 / 1.5e-3 / 3e-3 learn slower (test NLL at 200 steps 0.62 / 0.64 / 0.73
-vs 0.58), 1e-2 diverges; 32-row batches at twice the steps are worse; an 8-layer model (8.1M) is no
-better per step and 3x slower; float32 learns the same per step and is slower than bfloat16.
+Measurements (speed, the NLL curve, pass@k of the defaults, the lr / batch / model-size / dtype
+comparisons): docs/lab-notes.md#sft.
 """
 
 from __future__ import annotations
@@ -78,12 +69,15 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from rlsys import signals
+from rlsys.build import make_learner_group, make_rollout_pool, sft_learner_spec
+from rlsys.cli import hydra_entry
 from rlsys.config import ConfigError, RLConfig, resolve, resolve_dtype, validate
+from rlsys.data import encode_prompt
 from rlsys.fsutil import file_lock, replace_dir
 from rlsys.progress import Progress
 from rlsys.records import PromptRow
@@ -175,7 +169,7 @@ def sft_cache_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def default_sft_dir(key: str, cache_dir: Optional[str | os.PathLike] = None) -> Path:
+def default_sft_dir(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """``<cache_dir>/sft/<key>``; ``cache_dir`` defaults to ``$RLSYS_CACHE_DIR`` or ``~/.cache/rlsys``."""
     from rlsys.models import default_cache_dir
 
@@ -216,7 +210,7 @@ def validate_sft(cfg: RLConfig) -> None:
         bad("eval_samples", "must be >= 1")
 
 
-def read_report(out_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
+def read_report(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``sft_report.json`` of ``out_dir``, or None when it is missing or unreadable."""
     try:
         return json.loads((Path(out_dir) / REPORT_FILE).read_text())
@@ -241,8 +235,17 @@ class SFTBatches:
     within the batch (it is filled from the current epoch, then the next one's start).
     """
 
-    def __init__(self, task, rows: list[PromptRow], prompt_ids: list[list[int]], tokenizer, eos_id: int,
-                 batch_size: int, seed: int, max_response_tokens: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        task,
+        rows: list[PromptRow],
+        prompt_ids: list[list[int]],
+        tokenizer,
+        eos_id: int,
+        batch_size: int,
+        seed: int,
+        max_response_tokens: int | None = None,
+    ) -> None:
         if not rows:
             raise ValueError("SFT needs at least one training row")
         if batch_size < 1:
@@ -275,7 +278,8 @@ class SFTBatches:
         return ids
 
     def next_batch(self) -> tuple[list[list[int]], list[list[int]]]:
-        prompts, responses = [], []
+        prompts: list[list[int]] = []
+        responses: list[list[int]] = []
         while len(prompts) < self.batch_size:
             if self._pos >= len(self._order):
                 self._next_epoch()
@@ -292,8 +296,7 @@ def _nll_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     from rlsys.workers.batching import build_train_batch, loss_normalizer_for
 
     zeros = [np.zeros(len(r), np.float32) for r in responses]
-    b = build_train_batch(prompts, responses, zeros, [1.0] * len(prompts), pad_token_id=pad_id,
-                          loss_normalizer=1.0)
+    b = build_train_batch(prompts, responses, zeros, [1.0] * len(prompts), pad_token_id=pad_id, loss_normalizer=1.0)
     return dataclasses.replace(b, loss_normalizer=loss_normalizer_for("token_mean", b.response_mask))
 
 
@@ -317,21 +320,23 @@ def warm_start(cfg: RLConfig) -> str:
     ``sft.output_dir`` that holds something else); learner failures propagate as raised by the
     learner group.
     """
-    from rlsys.driver import resolve_model_path
+    from rlsys.models import base_model_path
 
     cfg = resolve(cfg)  # absolute paths (actors have another cwd), model.dtype for this hardware
     validate(cfg)
     validate_sft(cfg)
     if cfg.data.task is None:
-        raise ConfigError("invalid config data.task=None: SFT warm start generates reference solutions, so it "
-                          "needs a built-in task (data.task=countdown or sort)")
+        raise ConfigError(
+            "invalid config data.task=None: SFT warm start generates reference solutions, so it "
+            "needs a built-in task (data.task=countdown or sort)"
+        )
     from rlsys.tasks import get_task
 
     try:
         get_task(cfg.data.task)
     except ValueError as e:
         raise ConfigError(f"invalid config data.task={cfg.data.task!r}: {e}") from None
-    base = resolve_model_path(cfg)
+    base = base_model_path(cfg.model)
     settings = sft_settings(cfg, base)
     key = sft_cache_key(settings)
     out = Path(cfg.sft.output_dir).expanduser() if cfg.sft.output_dir else default_sft_dir(key)
@@ -339,15 +344,21 @@ def warm_start(cfg: RLConfig) -> str:
         _log_reuse(out)
         return str(out)
     if out.exists() and not (out.is_dir() and (read_report(out) is not None or not any(out.iterdir()))):
-        raise ConfigError(f"invalid config sft.output_dir={str(out)!r}: it exists and is not an SFT result "
-                          f"(no {REPORT_FILE}); point sft.output_dir at a new directory or unset it to use the cache")
+        raise ConfigError(
+            f"invalid config sft.output_dir={str(out)!r}: it exists and is not an SFT result "
+            f"(no {REPORT_FILE}); point sft.output_dir at a new directory or unset it to use the cache"
+        )
     with file_lock(out.parent / f".{out.name}.lock"):
         if _is_complete(out, key):  # another process finished it while we waited
             _log_reuse(out)
             return str(out)
         if out.exists():
-            log.info("SFT warm start: %s holds a result for other settings (key %s, now %s); it will be replaced",
-                     out, (read_report(out) or {}).get("key"), key)
+            log.info(
+                "SFT warm start: %s holds a result for other settings (key %s, now %s); it will be replaced",
+                out,
+                (read_report(out) or {}).get("key"),
+                key,
+            )
         else:
             log.info("SFT warm start: training into %s (key %s)", out, key)
         from rlsys import cluster
@@ -369,7 +380,7 @@ def warm_start(cfg: RLConfig) -> str:
 def sft_learner_count(cfg: RLConfig, cluster_cpus: int) -> int:
     """Learner ranks SFT trains on: ``sft.num_workers`` if set; else ``learner.num_workers``, raised to
     2 for CPU-only learners when ``cluster_cpus`` holds two of them (the RL actors do not exist yet
-    while SFT runs, so a 2-core machine trains on both cores: ~1.7x faster, same gradient)."""
+    while SFT runs, so a 2-core machine trains on both cores; same gradient; speed-up: docs/lab-notes.md#sft)."""
     if cfg.sft.num_workers is not None:
         return cfg.sft.num_workers
     lr = cfg.learner
@@ -389,21 +400,29 @@ def _check_resources(cfg: RLConfig, cpus: int) -> None:
     lr, r = cfg.learner, cfg.rollout
     if lr.num_workers * lr.num_cpus_per_worker > cpus:
         key = "sft.num_workers" if cfg.sft.num_workers is not None else "learner.num_workers"
-        raise ConfigError(f"invalid config {key}={lr.num_workers}: {lr.num_workers} learners x "
-                          f"{lr.num_cpus_per_worker} CPUs exceed the {cpus} CPUs of the Ray cluster; lower "
-                          f"{key} or raise cluster.num_cpus")
+        raise ConfigError(
+            f"invalid config {key}={lr.num_workers}: {lr.num_workers} learners x "
+            f"{lr.num_cpus_per_worker} CPUs exceed the {cpus} CPUs of the Ray cluster; lower "
+            f"{key} or raise cluster.num_cpus"
+        )
     if cfg.sft.eval_prompts > 0 and r.num_cpus_per_worker > cpus:
-        raise ConfigError(f"invalid config rollout.num_cpus_per_worker={r.num_cpus_per_worker}: more than the "
-                          f"{cpus} CPUs of the Ray cluster (the SFT evaluation starts one rollout worker)")
+        raise ConfigError(
+            f"invalid config rollout.num_cpus_per_worker={r.num_cpus_per_worker}: more than the "
+            f"{cpus} CPUs of the Ray cluster (the SFT evaluation starts one rollout worker)"
+        )
 
 
 def _log_reuse(out: Path) -> None:
     rep = read_report(out) or {}
     ev = rep.get("eval", {}).get("test", {})
-    log.info("SFT warm start: reusing %s (trained %s steps in %.0f s; held-out NLL %.3f; test pass@1 %s)",
-             out, rep.get("steps"), rep.get("train_seconds", float("nan")),
-             rep.get("final_heldout_nll", {}).get("test", float("nan")),
-             f"{ev['pass@1']:.3f}" if "pass@1" in ev else "n/a")
+    log.info(
+        "SFT warm start: reusing %s (trained %s steps in %.0f s; held-out NLL %.3f; test pass@1 %s)",
+        out,
+        rep.get("steps"),
+        rep.get("train_seconds", float("nan")),
+        rep.get("final_heldout_nll", {}).get("test", float("nan")),
+        f"{ev['pass@1']:.3f}" if "pass@1" in ev else "n/a",
+    )
 
 
 def _train_into(cfg: RLConfig, base: str, settings: dict[str, Any], key: str, out: Path) -> None:
@@ -438,57 +457,68 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
 
     Needs a ``ray`` connection (see :func:`warm_start`, which also handles caching).
     """
-    from transformers import AutoTokenizer
-
-    from rlsys.driver import encode_prompt, learner_actor_options, learner_spec
+    from rlsys.models import load_tokenizer
     from rlsys.tasks import get_task
-    from rlsys.workers.learner import LearnerGroup
 
     s = cfg.sft
     t_start = time.perf_counter()
+    assert cfg.data.task is not None  # validate_sft: SFT needs a built-in task
     task = get_task(cfg.data.task)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(cfg.model, base)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos_id is None:
         raise ValueError(f"the tokenizer of {base} has no eos_token; SFT responses must end with it")
     pad_id = eos_id if pad_id is None else pad_id
     rows = task.generate("train", s.num_examples, seed=s.seed)
-    stream = SFTBatches(task, rows, [encode_prompt(tokenizer, r) for r in rows], tokenizer, eos_id,
-                        s.batch_size, s.seed, s.max_response_tokens)
+    stream = SFTBatches(
+        task,
+        rows,
+        [encode_prompt(tokenizer, r) for r in rows],
+        tokenizer,
+        eos_id,
+        s.batch_size,
+        s.seed,
+        s.max_response_tokens,
+    )
 
     # Fixed held-out batch: the first train rows (solutions drawn once, with their own seed) and
     # test-split rows the model never trains on.
     held_rng = random.Random(f"rlsys.sft/{s.seed}/heldout")
-    held_rows = {"train": rows[:HELDOUT_TRAIN_ROWS],
-                 "test": task.generate("test", HELDOUT_TEST_ROWS, seed=s.seed)}
-    held = {name: _nll_batch([encode_prompt(tokenizer, r) for r in rs],
-                             [stream.response_ids(r, held_rng) for r in rs], pad_id)
-            for name, rs in held_rows.items()}
+    held_rows = {"train": rows[:HELDOUT_TRAIN_ROWS], "test": task.generate("test", HELDOUT_TEST_ROWS, seed=s.seed)}
+    held = {
+        name: _nll_batch(
+            [encode_prompt(tokenizer, r) for r in rs], [stream.response_ids(r, held_rng) for r in rs], pad_id
+        )
+        for name, rs in held_rows.items()
+    }
 
-    spec = dataclasses.replace(
-        learner_spec(cfg, base), dtype=_train_dtype(cfg), lr=s.lr, warmup_steps=s.warmup_steps,
-        loss_type="grpo", clip_low=None, clip_high=None, agg="token_mean", kl_coef=0.0, entropy_coef=0.0,
-        tis_cap=None,  # SFT rows carry rollout log-probs 0 (see the module docstring): no IS correction
-        seed=s.seed, micro_batch_size=_micro_batch_size(cfg))
+    # The NLL as a GRPO step with every RL term off (rlsys.build.sft_learner_spec, the module docstring).
+    spec = sft_learner_spec(cfg, base, dtype=_train_dtype(cfg), micro_batch_size=_micro_batch_size(cfg))
     t0 = time.perf_counter()
-    learners = LearnerGroup(spec, cfg.learner.num_workers,
-                            actor_options=learner_actor_options(cfg, cfg.learner.num_workers),
-                            call_timeout_s=cfg.learner.timeout_s)
+    learners = make_learner_group(cfg, spec)
     init_seconds = time.perf_counter() - t0
-    log.info("SFT: %d %s examples, %d steps x %d rows, lr %g (warmup %d), %s, %d learner(s) up in %.1f s",
-             len(rows), cfg.data.task, s.steps, s.batch_size, s.lr, s.warmup_steps, spec.dtype,
-             cfg.learner.num_workers, init_seconds)
+    log.info(
+        "SFT: %d %s examples, %d steps x %d rows, lr %g (warmup %d), %s, %d learner(s) up in %.1f s",
+        len(rows),
+        cfg.data.task,
+        s.steps,
+        s.batch_size,
+        s.lr,
+        s.warmup_steps,
+        spec.dtype,
+        cfg.learner.num_workers,
+        init_seconds,
+    )
 
     def heldout() -> dict[str, float]:
-        return {name: _nll_per_token(learners.compute_logprobs(b, pad_id), b.response_mask)
-                for name, b in held.items()}
+        return {name: _nll_per_token(learners.compute_logprobs(b, pad_id), b.response_mask) for name, b in held.items()}
 
     curve: list[dict[str, Any]] = []
     train_nll: list[float] = []
     max_ratio_dev = 0.0
     skipped = 0
     step_seconds = old_seconds = 0.0
-    progress: Optional[Progress] = None
+    progress: Progress | None = None
     try:
         first = heldout()
         curve.append({"step": 0, **first})
@@ -508,11 +538,15 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
             max_ratio_dev = max(max_ratio_dev, abs(st.ratio_max - 1.0), abs(st.extra.get("ratio_min", 1.0) - 1.0))
             if step % s.log_every == 0 or step == s.steps:
                 h = heldout()
-                recent = float(np.mean(train_nll[-s.log_every:]))
+                recent = float(np.mean(train_nll[-s.log_every :]))
                 curve.append({"step": step, "train_batch": recent, **h})
-                progress.update(step, f"batch NLL/token {recent:.3f} (mean of {len(train_nll[-s.log_every:])}) | "
-                                      f"held-out train {h['train']:.3f} test {h['test']:.3f} | "
-                                      f"grad-norm {st.grad_norm:.2f} lr {st.lr:.2e}", emit=True)
+                progress.update(
+                    step,
+                    f"batch NLL/token {recent:.3f} (mean of {len(train_nll[-s.log_every :])}) | "
+                    f"held-out train {h['train']:.3f} test {h['test']:.3f} | "
+                    f"grad-norm {st.grad_norm:.2f} lr {st.lr:.2e}",
+                    emit=True,
+                )
             else:
                 progress.update(step, f"batch NLL/token {st.rollout_logprob_diff:.3f}")
         progress.close()
@@ -520,12 +554,19 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
         if max_ratio_dev > 1e-3:
             # pi_old is recomputed on the same weights, so the ratio should be 1 to float precision;
             # if not, the steps were not plain NLL steps (the PPO clip may have cut gradients).
-            log.warning("SFT: the PPO ratio strayed %.2e from 1 (nondeterministic forward?); the updates were "
-                        "not exact NLL steps", max_ratio_dev)
+            log.warning(
+                "SFT: the PPO ratio strayed %.2e from 1 (nondeterministic forward?); the updates were "
+                "not exact NLL steps",
+                max_ratio_dev,
+            )
         if stream.longest_response > cfg.rollout.max_tokens:
             # RL would cut such responses before their answer: the task's solutions do not fit.
-            log.warning("SFT: reference responses of up to %d tokens (EOS included) exceed rollout.max_tokens=%d; "
-                        "raise rollout.max_tokens for RL", stream.longest_response, cfg.rollout.max_tokens)
+            log.warning(
+                "SFT: reference responses of up to %d tokens (EOS included) exceed rollout.max_tokens=%d; "
+                "raise rollout.max_tokens for RL",
+                stream.longest_response,
+                cfg.rollout.max_tokens,
+            )
         learners.save_hf(save_dir)
     finally:
         if progress is not None:
@@ -543,7 +584,7 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
         "longest_response_tokens": stream.longest_response,
         "final_heldout_nll": {"train": final["train"], "test": final["test"]},
         "initial_heldout_nll": {"train": curve[0]["train"], "test": curve[0]["test"]},
-        "final_train_batch_nll": float(np.mean(train_nll[-s.log_every:])),
+        "final_train_batch_nll": float(np.mean(train_nll[-s.log_every :])),
         "nll_curve": curve,
         "max_ratio_deviation": max_ratio_dev,
         "learner_init_seconds": init_seconds,
@@ -571,25 +612,27 @@ def evaluate_model(cfg: RLConfig, model_dir: str, splits: tuple[str, ...] = ("te
     averaged over prompts), ``format_rate`` (samples with an ``Answer:`` line and EOS), and a few
     decoded samples. Needs a ``ray`` connection.
     """
-    from transformers import AutoTokenizer
-
     from rlsys.algo import pass_at_k
-    from rlsys.driver import encode_prompt, rollout_spec, rollout_threads
+    from rlsys.models import load_tokenizer
     from rlsys.records import RolloutRequest
     from rlsys.tasks import get_task
-    from rlsys.workers.rollout import RolloutPool
 
     s = cfg.sft
+    assert cfg.data.task is not None  # validate_sft: SFT needs a built-in task
     task = get_task(cfg.data.task)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(cfg.model, model_dir)
     n = s.eval_samples
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
-    spec = dataclasses.replace(rollout_spec(cfg, model_dir), seed=s.seed)
-    pool = RolloutPool(spec, 1, num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
-                       timeout_s=cfg.rollout.timeout_s, num_threads=rollout_threads(cfg, 1))
+    pool = make_rollout_pool(cfg, model_dir, num_workers=1, seed=s.seed)
     results: dict[str, Any] = {}
-    progress = Progress(len(splits) * s.eval_prompts, "SFT eval: sampled", unit="prompt", bar=False, logger=log,
-                        counts_fmt="{done}/{total} prompts x " + str(n) + " ({pct}%)")
+    progress = Progress(
+        len(splits) * s.eval_prompts,
+        "SFT eval: sampled",
+        unit="prompt",
+        bar=False,
+        logger=log,
+        counts_fmt="{done}/{total} prompts x " + str(n) + " ({pct}%)",
+    )
     try:
         for split in splits:
             rows = task.generate(split, s.eval_prompts, seed=s.seed)
@@ -599,7 +642,7 @@ def evaluate_model(cfg: RLConfig, model_dir: str, splits: tuple[str, ...] = ("te
             groups, _ = pool.generate(reqs, n, seeds)
             progress.advance(len(rows), split, emit=True)
             correct, distinct, n_sol, formatted = [], [], [], 0
-            samples = []
+            samples: list[dict[str, Any]] = []
             for row, g in zip(rows, groups):
                 canon = [task.canonical_answer(c.text, row.answer) for c in g.completions]
                 correct.append(sum(c is not None for c in canon))
@@ -607,12 +650,18 @@ def evaluate_model(cfg: RLConfig, model_dir: str, splits: tuple[str, ...] = ("te
                 n_sol.append(len(task.solutions(row)))
                 formatted += sum(("Answer:" in c.text and c.finish_reason == "stop") for c in g.completions)
                 if len(samples) < 4:
-                    samples.append({"prompt": row.messages[-1][1], "completion": g.completions[0].text,
-                                    "correct": canon[0] is not None})
+                    samples.append(
+                        {
+                            "prompt": row.messages[-1][1],
+                            "completion": g.completions[0].text,
+                            "correct": canon[0] is not None,
+                        }
+                    )
             c_arr, d_arr, s_arr = np.array(correct), np.array(distinct), np.array(n_sol)
             res: dict[str, Any] = {f"pass@{k}": float(np.mean(pass_at_k(n, c_arr, k))) for k in ks}
             res.update(
-                num_prompts=len(rows), samples_per_prompt=n,
+                num_prompts=len(rows),
+                samples_per_prompt=n,
                 distinct_correct_mean=float(d_arr.mean()),
                 solutions_mean=float(s_arr.mean()),
                 distinct_fraction_mean=float(np.mean(d_arr / np.maximum(s_arr, 1))),
@@ -634,47 +683,50 @@ def _pass_at_k_text(r: dict[str, Any]) -> str:
 def _log_eval(ev: dict[str, Any]) -> None:
     for split, r in ev.items():
         ks = _pass_at_k_text(r)
-        log.info("SFT eval %s (%d prompts x %d): %s | distinct correct/prompt %.2f of %.2f existing | format %.2f",
-                 split, r["num_prompts"], r["samples_per_prompt"], ks, r["distinct_correct_mean"],
-                 r["solutions_mean"], r["format_rate"])
+        log.info(
+            "SFT eval %s (%d prompts x %d): %s | distinct correct/prompt %.2f of %.2f existing | format %.2f",
+            split,
+            r["num_prompts"],
+            r["samples_per_prompt"],
+            ks,
+            r["distinct_correct_mean"],
+            r["solutions_mean"],
+            r["format_rate"],
+        )
 
 
 # ================================ CLI ================================================================
 
 
-def main() -> None:
-    """``python -m rlsys.sft [overrides...]``: train (or reuse) the warm start, print where it is."""
-    import hydra
-    from omegaconf import DictConfig
+def _timed_warm_start(cfg: RLConfig) -> tuple[str, float]:
+    signals.status.phase = "sft"
+    t0 = time.perf_counter()
+    return warm_start(cfg), time.perf_counter() - t0
 
-    from rlsys.config import register_configs, to_dataclass
-    from rlsys.hydra_app import CONF_DIR, fail, setup_logging, stop_on_signals
 
-    register_configs()
+def format_warm_start(result: tuple[str, float]) -> str:
+    """What ``python -m rlsys.sft`` prints: where the warm start is, its NLL and its evaluation."""
+    path, seconds = result
+    rep = read_report(path) or {}
+    lines = [
+        f"\nrlsys: SFT warm start ready in {seconds:.1f} s: {path}",
+        f"  trained {rep.get('steps')} steps in {rep.get('train_seconds', float('nan')):.0f} s; held-out "
+        f"NLL/token {rep['initial_heldout_nll']['test']:.3f} -> {rep['final_heldout_nll']['test']:.3f} (test)",
+    ]
+    ev = rep.get("eval", {})
+    for split in sorted(ev, key=lambda x: (x != "test", x)):
+        r = ev[split]
+        lines.append(
+            f"  {split:5s} {_pass_at_k_text(r)}  distinct correct/prompt {r['distinct_correct_mean']:.2f} "
+            f"of {r['solutions_mean']:.2f}"
+        )
+    lines.append(f"  report: {Path(path) / REPORT_FILE}")
+    return "\n".join(lines)
 
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-    def _app(dcfg: DictConfig) -> None:
-        setup_logging()
-        with stop_on_signals("rlsys.sft") as status:  # SIGINT / SIGTERM: stop in seconds, exit 130 / 143
-            try:
-                cfg = to_dataclass(dcfg)
-                status.phase = "sft"
-                t0 = time.perf_counter()
-                path = warm_start(cfg)
-            except ConfigError as e:
-                fail(str(e))
-        rep = read_report(path) or {}
-        print(f"\nrlsys: SFT warm start ready in {time.perf_counter() - t0:.1f} s: {path}")
-        print(f"  trained {rep.get('steps')} steps in {rep.get('train_seconds', float('nan')):.0f} s; held-out "
-              f"NLL/token {rep['initial_heldout_nll']['test']:.3f} -> {rep['final_heldout_nll']['test']:.3f} (test)")
-        ev = rep.get("eval", {})
-        for split in sorted(ev, key=lambda x: (x != "test", x)):
-            r = ev[split]
-            print(f"  {split:5s} {_pass_at_k_text(r)}  distinct correct/prompt {r['distinct_correct_mean']:.2f} "
-                  f"of {r['solutions_mean']:.2f}")
-        print(f"  report: {Path(path) / REPORT_FILE}")
 
-    _app()
+# ``python -m rlsys.sft [overrides...]``: train (or reuse) the warm start, print where it is.
+# SIGINT / SIGTERM: stop in seconds, exit 130 / 143.
+main = hydra_entry("rlsys.sft", _timed_warm_start, format_warm_start)
 
 
 if __name__ == "__main__":

@@ -50,9 +50,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+
+from rlsys.fsutil import partial_dirs
 
 log = logging.getLogger("rlsys.signals")
 
@@ -88,18 +90,19 @@ class Status:
 
     app: str = "rlsys"
     phase: str = "start-up"
-    step: Optional[int] = None
-    total_steps: Optional[int] = None
-    output_dir: Optional[str] = None  # a training run's directory (its checkpoints/); None: not resumable
+    step: int | None = None
+    total_steps: int | None = None
+    output_dir: str | None = None  # a training run's directory (its checkpoints/); None: not resumable
     command: str = ""  # the command that resumes (training) or re-runs the job
     partial: set[str] = field(default_factory=set)  # directories being written, removed on a stop
 
 
-status = Status()
-_controller: Optional["StopController"] = None
+# The process's status. Its ``partial`` IS fsutil's registry, which rlsys.checkpoint fills without importing us.
+status = Status(partial=partial_dirs)
+_controller: StopController | None = None
 
 
-def set_phase(phase: str, step: Optional[int] = None, total_steps: Optional[int] = None) -> None:
+def set_phase(phase: str, step: int | None = None, total_steps: int | None = None) -> None:
     """Record the phase the job is in (and the step); the stop line names it."""
     status.phase = phase
     if step is not None:
@@ -124,7 +127,7 @@ def untrack_partial(path: str | os.PathLike) -> None:
     status.partial.discard(str(path))
 
 
-def rerun_command(module: str, argv: Sequence[str], output_dir: Optional[str] = None) -> str:
+def rerun_command(module: str, argv: Sequence[str], output_dir: str | None = None) -> str:
     """``python -m module argv...``; with ``output_dir`` (training) the overrides that resume it:
     any ``run.output_dir=`` / ``run.resume=`` in ``argv`` replaced by the run's directory and ``auto``."""
     args = list(argv)
@@ -134,7 +137,7 @@ def rerun_command(module: str, argv: Sequence[str], output_dir: Optional[str] = 
     return shlex.join(["python", "-m", module, *args])
 
 
-def stop_line(signum: int, st: Status, checkpoint: Optional[str]) -> str:
+def stop_line(signum: int, st: Status, checkpoint: str | None) -> str:
     """The one line a stopped job ends with."""
     where = st.phase
     if st.step is not None:
@@ -145,7 +148,7 @@ def stop_line(signum: int, st: Status, checkpoint: Optional[str]) -> str:
     return f"{head}; no partial result was kept; run it again with: {st.command}"
 
 
-def last_checkpoint(st: Status) -> Optional[str]:
+def last_checkpoint(st: Status) -> str | None:
     """The newest complete checkpoint of the run (on disk: what a resume would pick), or None."""
     if st.output_dir is None:
         return None
@@ -165,7 +168,7 @@ def remove_partial(st: Status) -> None:
             st.partial.discard(path)
 
 
-def kill_descendants(root: Optional[int] = None, wait_s: float = 2.0) -> int:
+def kill_descendants(root: int | None = None, wait_s: float = 2.0) -> int:
     """SIGKILL every process this one (or ``root``) started, recursively; returns how many.
 
     With a local cluster that is the Ray cluster itself (gcs_server, raylet, agents) and every
@@ -210,9 +213,16 @@ class StopController:
     ``kill_descendants`` and ``os._exit`` outside tests.
     """
 
-    def __init__(self, st: Status, grace_s: float, *, kill_tree: Callable[[], int] = kill_descendants,
-                 exit_now: Callable[[int], None] = os._exit, stream=None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        st: Status,
+        grace_s: float,
+        *,
+        kill_tree: Callable[[], int] = kill_descendants,
+        exit_now: Callable[[int], None] = os._exit,
+        stream=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.status = st
         self.grace_s = float(grace_s)
         self.kill_tree = kill_tree
@@ -220,8 +230,8 @@ class StopController:
         self.stream = stream
         self.clock = clock
         self.lock = threading.RLock()
-        self.signum: Optional[int] = None  # the first signal
-        self.deadline: Optional[float] = None
+        self.signum: int | None = None  # the first signal
+        self.deadline: float | None = None
         self.counts = {"handler": 0, "fd": 0}
         self.raised = False
         self.printed = False
@@ -249,8 +259,11 @@ class StopController:
                 self.deadline = self.clock() + self.grace_s
                 again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {signal_name(signum)} again"
                 try:
-                    print(f"rlsys: stopping ({signal_name(signum)}) during {self.status.phase}; {again} to kill "
-                          f"at once", file=self._out(), flush=True)
+                    print(
+                        f"rlsys: stopping ({signal_name(signum)}) during {self.status.phase}; {again} to kill at once",
+                        file=self._out(),
+                        flush=True,
+                    )
                 except RuntimeError:  # the handler interrupted a write to the same stream (reentrant call)
                     pass
         if n >= 2:
@@ -276,8 +289,11 @@ class StopController:
                 return
             self.printed = True
         remove_partial(self.status)
-        print(stop_line(self.signum or signal.SIGINT, self.status, last_checkpoint(self.status)),
-              file=self._out(), flush=True)
+        print(
+            stop_line(self.signum or signal.SIGINT, self.status, last_checkpoint(self.status)),
+            file=self._out(),
+            flush=True,
+        )
 
     def kill_now(self, reason: str) -> None:
         """Kill everything this process started, print the line, exit 128 + signum. Never returns
@@ -351,8 +367,13 @@ def reinstall() -> None:
 
 
 @contextmanager
-def stop_on_signals(app: str, argv: Optional[Sequence[str]] = None, *, grace_s: Optional[float] = None,
-                    controller: Optional[StopController] = None) -> Iterator[Status]:
+def stop_on_signals(
+    app: str,
+    argv: Sequence[str] | None = None,
+    *,
+    grace_s: float | None = None,
+    controller: StopController | None = None,
+) -> Iterator[Status]:
     """Run an entry point's work so that SIGINT / SIGTERM stop it as the module docstring says.
 
     Yields the :data:`status` to fill in (``output_dir`` and ``command`` for a training run; see

@@ -10,40 +10,23 @@ Examples::
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+from typing import Any
 
-from rlsys.config import ConfigError, register_configs, to_dataclass
-from rlsys.hydra_app import CONF_DIR, fail, setup_logging, stop_on_signals
-
-register_configs()
+from rlsys.cli import hydra_entry
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _app(dcfg: DictConfig) -> None:
-    setup_logging()
-    # SIGINT / SIGTERM: stop within seconds, name the last checkpoint and the resume command, exit 130 / 143.
-    with stop_on_signals("rlsys.train") as status:
-        import os
-        import sys
+def _train(cfg: Any) -> Any:
+    from rlsys.driver import train  # the loop's imports (torch, numpy) only when a run starts
 
-        from rlsys.driver import train
-        from rlsys.signals import rerun_command
-
-        try:
-            cfg = to_dataclass(dcfg)
-            status.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
-            status.command = rerun_command("rlsys.train", sys.argv[1:], status.output_dir)
-            summary = train(cfg)
-        except ConfigError as e:
-            fail(str(e))
-    print(format_summary(summary))
+    return train(cfg)
 
 
-def format_summary(s) -> str:
+def format_summary(s: Any) -> str:
     """The few lines a user reads at the end of a run."""
-    lines = [f"\nrlsys: done. {s.steps} steps",
-             f"  train reward (mean, first -> last step): {s.first_reward:.3f} -> {s.last_reward:.3f}"]
+    lines = [
+        f"\nrlsys: done. {s.steps} steps",
+        f"  train reward (mean, first -> last step): {s.first_reward:.3f} -> {s.last_reward:.3f}",
+    ]
     for k in sorted(s.eval_after):
         before = s.eval_before.get(k, float("nan"))
         lines.append(f"  held-out pass@{k:<4d} before -> after: {before:.3f} -> {s.eval_after[k]:.3f}")
@@ -53,8 +36,8 @@ def format_summary(s) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    _app()
+# SIGINT / SIGTERM: stop within seconds, name the last checkpoint and the resume command, exit 130 / 143.
+main = hydra_entry("rlsys.train", _train, format_summary, resumable=True)
 
 
 if __name__ == "__main__":

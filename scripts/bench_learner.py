@@ -55,8 +55,7 @@ def _batch(tokenizer, b: int, g: int, t: int, seed: int):
     return dataclasses.replace(batch, loss_normalizer=loss_normalizer_for("token_mean", batch.response_mask))
 
 
-def bare_step_seconds(model_path: str, dtype: str, batch, threads: int, steps: int, warmup: int,
-                      pi_old: bool) -> float:
+def bare_step_seconds(model_path: str, dtype: str, batch, threads: int, steps: int, warmup: int, pi_old: bool) -> float:
     """Median seconds of a plain PyTorch policy-gradient step on ``batch`` (optionally + pi_old)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -93,8 +92,9 @@ def bare_step_seconds(model_path: str, dtype: str, batch, threads: int, steps: i
     return statistics.median(times)
 
 
-def rlsys_step_seconds(cfg, model_path: str, batch, pad_id: int, ranks: int, threads: int, steps: int,
-                       warmup: int, separate_pi_old: bool) -> float:
+def rlsys_step_seconds(
+    cfg, model_path: str, batch, pad_id: int, ranks: int, threads: int, steps: int, warmup: int, separate_pi_old: bool
+) -> float:
     """Median seconds of the driver's train phase (shard + LearnerGroup.train_step)."""
     import dataclasses
 
@@ -132,8 +132,12 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto", help="model.dtype (auto resolves for this machine)")
-    ap.add_argument("--model", default=None, help="a model directory (default: the SFT warm start, built if "
-                    "missing; any checkpoint of the same shape times the same)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a model directory (default: the SFT warm start, built if "
+        "missing; any checkpoint of the same shape times the same)",
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -152,11 +156,21 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(model_path)
     batch = _batch(tok, args.prompts, args.group_size, args.tokens, seed=0)
-    print(f"machine: {cores} cores, torch capability {_capability()}, dtype {cfg.model.dtype} "
-          f"({cfg.model.dtype_reason}); batch {batch.num_rows} rows x {batch.input_ids.shape[1]} tokens", flush=True)
+    print(
+        f"machine: {cores} cores, torch capability {_capability()}, dtype {cfg.model.dtype} "
+        f"({cfg.model.dtype_reason}); batch {batch.num_rows} rows x {batch.input_ids.shape[1]} tokens",
+        flush=True,
+    )
 
-    res: dict = {"cores": cores, "dtype": cfg.model.dtype, "dtype_reason": cfg.model.dtype_reason,
-                 "rows": batch.num_rows, "width": int(batch.input_ids.shape[1]), "bare": {}, "rlsys": {}}
+    res: dict = {
+        "cores": cores,
+        "dtype": cfg.model.dtype,
+        "dtype_reason": cfg.model.dtype_reason,
+        "rows": batch.num_rows,
+        "width": int(batch.input_ids.shape[1]),
+        "bare": {},
+        "rlsys": {},
+    }
     thread_counts = sorted({cores, 1})
     for th in thread_counts:
         for po in (False, True):
@@ -168,12 +182,15 @@ def main() -> int:
     with cluster.session(None, cores, "rlsys-bench"):
         for ranks, th in layouts:
             for sep in (False, True):
-                s = rlsys_step_seconds(cfg, model_path, batch, tok.pad_token_id, ranks, th, args.steps,
-                                       args.warmup, sep)
+                s = rlsys_step_seconds(
+                    cfg, model_path, batch, tok.pad_token_id, ranks, th, args.steps, args.warmup, sep
+                )
                 key = f"{ranks}x{th}t{'+pi_old' if sep else ''}"
                 res["rlsys"][key] = s
-                print(f"rlsys, {ranks} rank(s) x {th} thread(s), pi_old {'separate' if sep else 'fused'}: "
-                      f"{s:.3f} s/step", flush=True)
+                print(
+                    f"rlsys, {ranks} rank(s) x {th} thread(s), pi_old {'separate' if sep else 'fused'}: {s:.3f} s/step",
+                    flush=True,
+                )
 
     print("\nratio to the bare step on the same total threads (goal <= 1.10):")
     for key, s in res["rlsys"].items():

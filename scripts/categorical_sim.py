@@ -28,8 +28,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ FULL = dict(num_actions=128_000, num_correct=10_000, max_log2_n=17, steps=1000, 
 SMALL = dict(num_actions=2000, num_correct=150, max_log2_n=8, steps=100, seeds=2)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=_REPO / "reports" / "categorical", help="output directory")
     p.add_argument("--small", action="store_true", help="small preset for tests (seconds)")
@@ -58,15 +58,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate (paper: 1e-2)")
     p.add_argument("--surrogates", nargs="+", choices=SURROGATES, default=list(SURROGATES))
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
-    p.add_argument("--dtype", choices=["auto", "float32", "float64"], default="auto",
-                   help="logit/optimizer dtype; auto = float64 for sgd (its ~1e-8 logit updates vanish "
-                        "in float32) and float32 for adam (fast). Sampling CDF and metrics are float64.")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float64"],
+        default="auto",
+        help="logit/optimizer dtype; auto = float64 for sgd (its ~1e-8 logit updates vanish "
+        "in float32) and float32 for adam (fast). Sampling CDF and metrics are float64.",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--record-every", type=int, default=None,
-                   help="trajectory interval in steps (default: steps // 20)")
+    p.add_argument("--record-every", type=int, default=None, help="trajectory interval in steps (default: steps // 20)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--replot", action="store_true",
-                   help="only redraw categorical_sim.png from an existing --out/categorical_summary.csv")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw categorical_sim.png from an existing --out/categorical_summary.csv",
+    )
     args = p.parse_args(argv)
     preset = SMALL if args.small else FULL
     for key in ("num_actions", "num_correct", "max_log2_n", "steps", "seeds"):
@@ -81,7 +87,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _plot(summary: List[dict], combos: List[str], gammas: List[float], path: Path, title: str) -> None:
+def _plot(summary: list[dict], combos: list[str], gammas: list[float], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +104,7 @@ def _plot(summary: List[dict], combos: List[str], gammas: List[float], path: Pat
                 mean = np.array([r[f"{metric}_mean"] for r in rows])
                 lo = np.array([r[f"{metric}_min"] for r in rows])
                 hi = np.array([r[f"{metric}_max"] for r in rows])
-                line, = ax.plot(ns, mean, marker="o", ms=3, label=f"gamma = {gamma:g}")
+                (line,) = ax.plot(ns, mean, marker="o", ms=3, label=f"gamma = {gamma:g}")
                 ax.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.2)
             ax.set_xscale("log", base=2)
             ax.ticklabel_format(axis="y", useOffset=False)
@@ -129,19 +135,21 @@ def _replot(out: Path) -> int:
             elif k not in ("combination", "surrogate", "optimizer"):
                 r[k] = float(v)
     combos = list(dict.fromkeys(r["combination"] for r in summary))
-    gammas = sorted({r["gamma"] for r in summary})
+    gammas = sorted({float(r["gamma"]) for r in summary})
     info_path = out / "run_info.json"
     title = "Categorical sim (mean, min..max over seeds)"
     if info_path.exists():
         a = json.loads(info_path.read_text())["args"]
-        title = (f"Categorical sim: A={a['num_actions']}, C={a['num_correct']}, {a['steps']} steps, lr={a['lr']:g}, "
-                 f"{a['seeds']} seeds (mean, min..max)")
+        title = (
+            f"Categorical sim: A={a['num_actions']}, C={a['num_correct']}, {a['steps']} steps, lr={a['lr']:g}, "
+            f"{a['seeds']} seeds (mean, min..max)"
+        )
     _plot(summary, combos, gammas, out / "categorical_sim.png", title)
     print(f"redrew {out / 'categorical_sim.png'}")
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
         return _replot(args.out)
@@ -158,9 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flush=True,
     )
 
-    run_rows: List[dict] = []
-    summary: List[dict] = []
-    traj_rows: List[dict] = []
+    run_rows: list[dict] = []
+    summary: list[dict] = []
+    traj_rows: list[dict] = []
     combo_seconds = {}
     t_start = time.perf_counter()
     for surrogate, optimizer in combos:
@@ -168,34 +176,69 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t_combo = time.perf_counter()
         for n in ns:
             res = simulate(
-                setup, n, gammas=args.gammas, seeds=seeds, steps=args.steps, lr=args.lr,
-                surrogate=surrogate, optimizer=optimizer, dtype=_dtype(args.dtype, optimizer),
+                setup,
+                n,
+                gammas=args.gammas,
+                seeds=seeds,
+                steps=args.steps,
+                lr=args.lr,
+                surrogate=surrogate,
+                optimizer=optimizer,
+                dtype=_dtype(args.dtype, optimizer),
                 record_every=args.record_every,
             )
             for gi, gamma in enumerate(res.gammas):
                 for si, seed in enumerate(res.seeds):
-                    run_rows.append(dict(
-                        combination=combo, surrogate=surrogate, optimizer=optimizer, N=n, gamma=gamma,
-                        seed=seed, dtype=str(_dtype(args.dtype, optimizer)).replace("torch.", ""),
-                        q_pos=float(res.q_pos[gi, si]), m_ret=float(res.m_ret[gi, si]),
-                        q_pos_init=res.q_pos_init, steps=args.steps, lr=args.lr,
-                        num_actions=setup.num_actions, num_correct=setup.num_correct,
-                    ))
+                    run_rows.append(
+                        dict(
+                            combination=combo,
+                            surrogate=surrogate,
+                            optimizer=optimizer,
+                            N=n,
+                            gamma=gamma,
+                            seed=seed,
+                            dtype=str(_dtype(args.dtype, optimizer)).replace("torch.", ""),
+                            q_pos=float(res.q_pos[gi, si]),
+                            m_ret=float(res.m_ret[gi, si]),
+                            q_pos_init=res.q_pos_init,
+                            steps=args.steps,
+                            lr=args.lr,
+                            num_actions=setup.num_actions,
+                            num_correct=setup.num_correct,
+                        )
+                    )
                 q, m = res.q_pos[gi], res.m_ret[gi]
-                summary.append(dict(
-                    combination=combo, surrogate=surrogate, optimizer=optimizer, N=n, gamma=gamma,
-                    n_seeds=len(seeds),
-                    q_pos_mean=float(q.mean()), q_pos_std=float(q.std()), q_pos_min=float(q.min()),
-                    q_pos_max=float(q.max()),
-                    m_ret_mean=float(m.mean()), m_ret_std=float(m.std()), m_ret_min=float(m.min()),
-                    m_ret_max=float(m.max()),
-                ))
+                summary.append(
+                    dict(
+                        combination=combo,
+                        surrogate=surrogate,
+                        optimizer=optimizer,
+                        N=n,
+                        gamma=gamma,
+                        n_seeds=len(seeds),
+                        q_pos_mean=float(q.mean()),
+                        q_pos_std=float(q.std()),
+                        q_pos_min=float(q.min()),
+                        q_pos_max=float(q.max()),
+                        m_ret_mean=float(m.mean()),
+                        m_ret_std=float(m.std()),
+                        m_ret_min=float(m.min()),
+                        m_ret_max=float(m.max()),
+                    )
+                )
                 for ti, step in enumerate(res.record_steps):
-                    traj_rows.append(dict(
-                        combination=combo, N=n, gamma=gamma, step=step,
-                        q_pos_mean=float(res.q_pos_traj[ti, gi].mean()),
-                        m_ret_mean=float(res.m_ret_traj[ti, gi].mean()),
-                    ))
+                    # Trajectories exist whenever steps were recorded.
+                    assert res.q_pos_traj is not None and res.m_ret_traj is not None
+                    traj_rows.append(
+                        dict(
+                            combination=combo,
+                            N=n,
+                            gamma=gamma,
+                            step=step,
+                            q_pos_mean=float(res.q_pos_traj[ti, gi].mean()),
+                            m_ret_mean=float(res.m_ret_traj[ti, gi].mean()),
+                        )
+                    )
             means = " ".join(
                 f"g={g:g}: Q={res.q_pos[i].mean():.4f} M={res.m_ret[i].mean():.4f}" for i, g in enumerate(res.gammas)
             )
@@ -204,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[{combo}] done in {combo_seconds[combo]:.1f}s", flush=True)
     total = time.perf_counter() - t_start
 
-    def write_csv(name: str, rows: List[dict]) -> None:
+    def write_csv(name: str, rows: list[dict]) -> None:
         with open(args.out / name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             writer.writeheader()
@@ -215,14 +258,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_csv("categorical_trajectories.csv", traj_rows)
     combo_names = [f"{s}/{o}" for s, o in combos]
     if not args.no_plot:
-        _plot(summary, combo_names, [float(g) for g in args.gammas], args.out / "categorical_sim.png",
-              f"Categorical sim: A={setup.num_actions}, C={setup.num_correct}, {args.steps} steps, lr={args.lr:g}, "
-              f"{len(seeds)} seeds (mean, min..max)")
+        _plot(
+            summary,
+            combo_names,
+            [float(g) for g in args.gammas],
+            args.out / "categorical_sim.png",
+            f"Categorical sim: A={setup.num_actions}, C={setup.num_correct}, {args.steps} steps, lr={args.lr:g}, "
+            f"{len(seeds)} seeds (mean, min..max)",
+        )
     info = dict(
         argv=list(argv) if argv is not None else sys.argv[1:],
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        total_seconds=total, combo_seconds=combo_seconds, torch=torch.__version__, numpy=np.__version__,
-        python=platform.python_version(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+        total_seconds=total,
+        combo_seconds=combo_seconds,
+        torch=torch.__version__,
+        numpy=np.__version__,
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
         optimizer_note="adam = torch.optim.Adam semantics, betas (0.9, 0.999), eps 1e-8, weight decay 0, ascent",
     )
     (args.out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

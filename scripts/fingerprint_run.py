@@ -31,11 +31,26 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGIT = "tests.integration.reward_fns:has_digit"
-JOB = ["trainer.total_steps=2", "trainer.prompts_per_step=4", "algo.group_size=4", "rollout.max_tokens=16",
-       "learner.micro_batch_size=4", "logger=disabled", "learner.lr=1e-3", "learner.warmup_steps=0",
-       "eval.n=4", "eval.k=[1,4]", "eval.num_prompts=4", "trainer.save_every=1", "trainer.keep_checkpoints=5",
-       "learner.num_workers=2", "cluster.num_cpus=4", "data=file", f"data.verifier={DIGIT}",
-       f"reward.allowed_functions=[{DIGIT}]"]
+JOB = [
+    "trainer.total_steps=2",
+    "trainer.prompts_per_step=4",
+    "algo.group_size=4",
+    "rollout.max_tokens=16",
+    "learner.micro_batch_size=4",
+    "logger=disabled",
+    "learner.lr=1e-3",
+    "learner.warmup_steps=0",
+    "eval.n=4",
+    "eval.k=[1,4]",
+    "eval.num_prompts=4",
+    "trainer.save_every=1",
+    "trainer.keep_checkpoints=5",
+    "learner.num_workers=2",
+    "cluster.num_cpus=4",
+    "data=file",
+    f"data.verifier={DIGIT}",
+    f"reward.allowed_functions=[{DIGIT}]",
+]
 # Metric keys measured from the clock or the machine, not computed by the algorithm.
 VOLATILE_PREFIXES = ("time/", "cpu/", "progress/")
 VOLATILE_SUBSTRINGS = ("seconds", "per_s", "_s_", "eta")
@@ -69,8 +84,13 @@ def stable_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         row = json.loads(line)
-        rows.append({k: v for k, v in sorted(row.items())
-                     if not k.startswith(VOLATILE_PREFIXES) and not any(s in k for s in VOLATILE_SUBSTRINGS)})
+        rows.append(
+            {
+                k: v
+                for k, v in sorted(row.items())
+                if not k.startswith(VOLATILE_PREFIXES) and not any(s in k for s in VOLATILE_SUBSTRINGS)
+            }
+        )
     return rows
 
 
@@ -98,16 +118,27 @@ def run(overrides: list[str], work: Path) -> dict[str, Any]:
         for i in range(32):
             fh.write(json.dumps({"prompt": f"Write a number near {i}.", "answer": str(i)}) + "\n")
     out = work / "run"
-    cmd = [sys.executable, "-m", "rlsys.train", f"run.output_dir={out}", f"hydra.run.dir={work / 'hydra'}",
-           *JOB, f"data.path={prompts}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlsys.train",
+        f"run.output_dir={out}",
+        f"hydra.run.dir={work / 'hydra'}",
+        *JOB,
+        f"data.path={prompts}",
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if res.returncode != 0:
         sys.stderr.write(res.stdout[-6000:])
         raise SystemExit(f"the run failed with exit code {res.returncode}: {' '.join(cmd)}")
-    return {"command": cmd[1:], "metrics": stable_metrics(out / "metrics.jsonl"),
-            "checkpoints": checkpoint_hashes(out / "checkpoints")}
+    return {
+        "command": cmd[1:],
+        "metrics": stable_metrics(out / "metrics.jsonl"),
+        "checkpoints": checkpoint_hashes(out / "checkpoints"),
+    }
 
 
 def diff(a: dict[str, Any], b: dict[str, Any], ignore_keys: tuple[str, ...]) -> list[str]:
@@ -135,7 +166,7 @@ def _differing(a: str | None, b: str | None) -> str:
         return f"{str(a)[:80]} vs {str(b)[:80]}"
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     lo = max(0, i - 60)
-    return f"...{a[lo:i + 60]}... vs ...{b[lo:i + 60]}..."
+    return f"...{a[lo : i + 60]}... vs ...{b[lo : i + 60]}..."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -101,17 +101,36 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Plumbing only: 2 steps, 1 seed, 8 samples per problem of <= 8 tokens, and no SFT (RL starts from
     # the raw tiny model), so it never waits for a warm start to train.
-    "smoke": Preset(seeds=(0,), train=("trainer.total_steps=2", "trainer.prompts_per_step=4"), eval_n=8,
-                    eval_k=(1, 2, 4, 8), eval_prompts=8, pool_size=40, difficulty_k=4, fraction=0.1,
-                    extra=("sft.enabled=false", "rollout.max_tokens=8")),
+    "smoke": Preset(
+        seeds=(0,),
+        train=("trainer.total_steps=2", "trainer.prompts_per_step=4"),
+        eval_n=8,
+        eval_k=(1, 2, 4, 8),
+        eval_prompts=8,
+        pool_size=40,
+        difficulty_k=4,
+        fraction=0.1,
+        extra=("sft.enabled=false", "rollout.max_tokens=8"),
+    ),
     # The report, sized to ~45 min on an otherwise idle 2-core machine: a quarter of the default
     # recipe's rollouts per N = 8 run (40 steps x 16 prompts instead of 80 x 32), 32 problems per split.
     # The optimizer settings are the default recipe's, pinned so the report does not move with the defaults.
-    "full": Preset(seeds=(0, 1, 2),
-                   train=("trainer.total_steps=40", "trainer.prompts_per_step=16", "learner.lr=1e-4",
-                          "learner.warmup_steps=10", "learner.micro_batch_size=64"),
-                   eval_n=256, eval_k=(1, 4, 16, 64, 256), eval_prompts=32, pool_size=320, difficulty_k=10,
-                   fraction=0.1),
+    "full": Preset(
+        seeds=(0, 1, 2),
+        train=(
+            "trainer.total_steps=40",
+            "trainer.prompts_per_step=16",
+            "learner.lr=1e-4",
+            "learner.warmup_steps=10",
+            "learner.micro_batch_size=64",
+        ),
+        eval_n=256,
+        eval_k=(1, 4, 16, 64, 256),
+        eval_prompts=32,
+        pool_size=320,
+        difficulty_k=10,
+        fraction=0.1,
+    ),
 }
 
 
@@ -124,8 +143,8 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from rlsys.cli import CONF_DIR
     from rlsys.config import register_configs, to_dataclass
-    from rlsys.hydra_app import CONF_DIR
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -135,17 +154,31 @@ def compose(overrides: list[str]):
 
 def base_overrides(preset: Preset) -> list[str]:
     """Overrides shared by every step of the study."""
-    return ["logger=disabled", "trainer.log_samples=0", f"cluster.num_cpus={preset.num_cpus}",
-            f"eval.n={preset.eval_n}", f"eval.k=[{','.join(map(str, preset.eval_k))}]",
-            f"eval.num_prompts={preset.eval_prompts}", *preset.extra]
+    return [
+        "logger=disabled",
+        "trainer.log_samples=0",
+        f"cluster.num_cpus={preset.num_cpus}",
+        f"eval.n={preset.eval_n}",
+        f"eval.k=[{','.join(map(str, preset.eval_k))}]",
+        f"eval.num_prompts={preset.eval_prompts}",
+        *preset.extra,
+    ]
 
 
-def train_overrides(preset: Preset, method: Method, seed: int, run_dir: Path, data: Optional[Path],
-                    warm_start: str) -> list[str]:
+def train_overrides(
+    preset: Preset, method: Method, seed: int, run_dir: Path, data: Path | None, warm_start: str
+) -> list[str]:
     """The exact overrides of one RL run (also printed in the README)."""
-    o = [*base_overrides(preset), *preset.train, *method.overrides, f"trainer.seed={seed}",
-         # Evaluation happens afterwards, on the saved checkpoint, identically for every run.
-         "trainer.eval_at_start_end=false", "trainer.eval_every=0", f"run.output_dir={run_dir}"]
+    o = [
+        *base_overrides(preset),
+        *preset.train,
+        *method.overrides,
+        f"trainer.seed={seed}",
+        # Evaluation happens afterwards, on the saved checkpoint, identically for every run.
+        "trainer.eval_at_start_end=false",
+        "trainer.eval_every=0",
+        f"run.output_dir={run_dir}",
+    ]
     if data is not None:
         # A prompt file: the built-in task is off, so the warm start must be named explicitly.
         o += ["data=file", f"data.path={data}", "data.id_key=prompt_id", f"model.path={warm_start}"]
@@ -155,10 +188,12 @@ def train_overrides(preset: Preset, method: Method, seed: int, run_dir: Path, da
 def eval_config(cfg, model_path: str, split: str, out_dir: Path, label: str):
     """``cfg`` turned into a run_eval config: ``model_path`` on the countdown ``split``."""
     return dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, path=model_path),
+        cfg,
+        model=dataclasses.replace(cfg.model, path=model_path),
         data=dataclasses.replace(cfg.data, task="countdown", path=None),
         eval=dataclasses.replace(cfg.eval, split=split, output_dir=str(out_dir)),
-        run=dataclasses.replace(cfg.run, name=label, output_dir=str(out_dir)))
+        run=dataclasses.replace(cfg.run, name=label, output_dir=str(out_dir)),
+    )
 
 
 # ================================ one run ============================================================
@@ -188,27 +223,55 @@ def evaluate_both(cfg, model_path: str, out_dir: Path, label: str) -> dict[str, 
     max_tokens = e.max_tokens or cfg.rollout.max_tokens
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     res: dict[str, Any] = {}
-    with eval_pools(eval_config(cfg, model_path, "test", out_dir, label), model_path, rows["test"] + rows["ood"],
-                    temperature=e.temperature, max_tokens=max_tokens) as (rollout_pool, reward_pool):
+    with eval_pools(
+        eval_config(cfg, model_path, "test", out_dir, label),
+        model_path,
+        rows["test"] + rows["ood"],
+        temperature=e.temperature,
+        max_tokens=max_tokens,
+    ) as (rollout_pool, reward_pool):
         for split, split_rows in rows.items():
             t0 = time.perf_counter()
-            ev = evaluate(split_rows, tokenizer, rollout_pool, reward_pool, n=e.n, ks=e.k, seed=e.seed,
-                          max_prompts_per_call=e.max_prompts_per_call)
-            paths = write_eval_outputs(ev, out_dir / f"eval_{split}", label,
-                                       config={"model_path": model_path, "split": split, "eval": dataclasses.asdict(e)})
+            ev = evaluate(
+                split_rows,
+                tokenizer,
+                rollout_pool,
+                reward_pool,
+                n=e.n,
+                ks=e.k,
+                seed=e.seed,
+                max_prompts_per_call=e.max_prompts_per_call,
+            )
+            paths = write_eval_outputs(
+                ev,
+                out_dir / f"eval_{split}",
+                label,
+                config={"model_path": model_path, "split": split, "eval": dataclasses.asdict(e)},
+            )
             # The per-checkpoint plot repeats one curve of the study's plots; ~15 of them would only
             # bloat a report directory meant for version control (the JSON and CSV stay).
             paths.png.unlink(missing_ok=True)
-            res[split] = {"pass_at_k": {str(k): v for k, v in ev.pass_at_k.items()},
-                          "pass_at_k_stderr": {str(k): v for k, v in ev.pass_at_k_stderr.items()},
-                          "distinct_correct": ev.mean_distinct_correct,
-                          "response_length": ev.mean_response_length, "seconds": time.perf_counter() - t0}
+            res[split] = {
+                "pass_at_k": {str(k): v for k, v in ev.pass_at_k.items()},
+                "pass_at_k_stderr": {str(k): v for k, v in ev.pass_at_k_stderr.items()},
+                "distinct_correct": ev.mean_distinct_correct,
+                "response_length": ev.mean_response_length,
+                "seconds": time.perf_counter() - t0,
+            }
             log.info("%s: %s pass@k %s", label, split, {k: round(v, 4) for k, v in ev.pass_at_k.items()})
     return res
 
 
-def run_one(preset: Preset, method: Method, seed: int, out: Path, warm_start: str,
-            data: Optional[Path] = None, tag: str = "", keep_checkpoints: bool = False) -> dict[str, Any]:
+def run_one(
+    preset: Preset,
+    method: Method,
+    seed: int,
+    out: Path,
+    warm_start: str,
+    data: Path | None = None,
+    tag: str = "",
+    keep_checkpoints: bool = False,
+) -> dict[str, Any]:
     """Train one run and evaluate its final checkpoint; reuse a finished run's ``result.json``.
 
     A failure is retried once in a fresh directory: on a shared machine an actor can be killed from
@@ -232,15 +295,25 @@ def run_one(preset: Preset, method: Method, seed: int, out: Path, warm_start: st
             summary = train(cfg)
             train_s = time.perf_counter() - t0
             evals = evaluate_both(cfg, summary.checkpoint, run_dir, f"{method.label}{tag} s{seed}")
-        except Exception as e:  # noqa: BLE001 - retried once, then re-raised
+        except Exception as e:
             if attempt == 2:
                 raise
             log.warning("%s failed (%s: %s); retrying once from scratch", run_id, type(e).__name__, e)
             continue
-        result = {"run": run_id, "method": method.key, "label": method.label + tag, "seed": seed,
-                  "overrides": overrides, "checkpoint": summary.checkpoint, "steps": summary.steps,
-                  "train": training_means(Path(summary.metrics_path)), "eval": evals,
-                  "train_seconds": train_s, "seconds": time.perf_counter() - t0, "attempts": attempt}
+        result = {
+            "run": run_id,
+            "method": method.key,
+            "label": method.label + tag,
+            "seed": seed,
+            "overrides": overrides,
+            "checkpoint": summary.checkpoint,
+            "steps": summary.steps,
+            "train": training_means(Path(summary.metrics_path)),
+            "eval": evals,
+            "train_seconds": train_s,
+            "seconds": time.perf_counter() - t0,
+            "attempts": attempt,
+        }
         if not keep_checkpoints:
             _drop_checkpoints(run_dir)
         done.write_text(json.dumps(result, indent=2) + "\n")
@@ -267,19 +340,32 @@ def select_examples(preset: Preset, out: Path, warm_start: str) -> dict[str, Any
     summary_path = ddir / "study_selection.json"
     if summary_path.exists() and all(f.exists() for f in files.values()):
         return json.loads(summary_path.read_text())
-    cfg = compose([*base_overrides(preset), f"model.path={warm_start}", f"difficulty.k={preset.difficulty_k}",
-                   f"difficulty.pool_size={preset.pool_size}", f"difficulty.fraction={preset.fraction}",
-                   "difficulty.select=hardest", f"difficulty.output_dir={ddir}", f"run.output_dir={ddir}",
-                   "run.name=warm start"])
+    cfg = compose(
+        [
+            *base_overrides(preset),
+            f"model.path={warm_start}",
+            f"difficulty.k={preset.difficulty_k}",
+            f"difficulty.pool_size={preset.pool_size}",
+            f"difficulty.fraction={preset.fraction}",
+            "difficulty.select=hardest",
+            f"difficulty.output_dir={ddir}",
+            f"run.output_dir={ddir}",
+            "run.name=warm start",
+        ]
+    )
     t0 = time.perf_counter()
     run = run_difficulty(cfg)
     records = [json.loads(line) for line in run.annotated.read_text().splitlines() if line.strip()]
     rates = np.array([r["pass_rate"] for r in records])
-    info: dict[str, Any] = {"pool": run.summary["num_prompts"], "k": preset.difficulty_k,
-                            "pool_mean_pass_rate": run.summary["mean_pass_rate"],
-                            "pool_learnable_fraction": run.summary["learnable_fraction"],
-                            "pool_all_wrong_fraction": run.summary["all_wrong_fraction"],
-                            "histogram": run.summary["histogram"]["prompts"], "seconds": time.perf_counter() - t0}
+    info: dict[str, Any] = {
+        "pool": run.summary["num_prompts"],
+        "k": preset.difficulty_k,
+        "pool_mean_pass_rate": run.summary["mean_pass_rate"],
+        "pool_learnable_fraction": run.summary["learnable_fraction"],
+        "pool_all_wrong_fraction": run.summary["all_wrong_fraction"],
+        "histogram": run.summary["histogram"]["prompts"],
+        "seconds": time.perf_counter() - t0,
+    }
     for sel in SELECTIONS:
         idx = select_by_difficulty(rates, sel, preset.fraction, cfg.difficulty.seed)
         write_jsonl([records[i] for i in idx], files[sel])
@@ -322,29 +408,72 @@ class Group:
 
 
 def results_table(groups: list[Group], kmax: int) -> str:
-    head = ["method", "seeds", "test pass@1", f"test pass@{kmax}", "ood pass@1", f"ood pass@{kmax}",
-            f"test distinct correct / problem (n={kmax})", "mixed groups", "focal weight", "learnable groups"]
+    head = [
+        "method",
+        "seeds",
+        "test pass@1",
+        f"test pass@{kmax}",
+        "ood pass@1",
+        f"ood pass@{kmax}",
+        f"test distinct correct / problem (n={kmax})",
+        "mixed groups",
+        "focal weight",
+        "learnable groups",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        train = [fmt(g.train_stat(k)) if g.train_stat(k) else "–" for k in
-                 ("algo/mixed_group_fraction", "algo/focal_weight_mean", "algo/learnable_fraction")]
-        lines.append("| " + " | ".join([g.label, str(len(g.runs)), fmt(g.pass_at("test", 1)),
-                                        fmt(g.pass_at("test", kmax)), fmt(g.pass_at("ood", 1)),
-                                        fmt(g.pass_at("ood", kmax)), fmt(g.distinct("test"), 2), *train]) + " |")
+        train = [
+            fmt(g.train_stat(k)) if g.train_stat(k) else "–"
+            for k in ("algo/mixed_group_fraction", "algo/focal_weight_mean", "algo/learnable_fraction")
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    g.label,
+                    str(len(g.runs)),
+                    fmt(g.pass_at("test", 1)),
+                    fmt(g.pass_at("test", kmax)),
+                    fmt(g.pass_at("ood", 1)),
+                    fmt(g.pass_at("ood", kmax)),
+                    fmt(g.distinct("test"), 2),
+                    *train,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def per_seed_table(groups: list[Group], kmax: int) -> str:
-    head = ["run", "test pass@1", f"test pass@{kmax}", "ood pass@1", f"ood pass@{kmax}", "train reward (mean)",
-            "wall (s)"]
+    head = [
+        "run",
+        "test pass@1",
+        f"test pass@{kmax}",
+        "ood pass@1",
+        f"ood pass@{kmax}",
+        "train reward (mean)",
+        "wall (s)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         for r in g.runs:
             e = r["eval"]
-            lines.append("| " + " | ".join([
-                r.get("run", g.label), f"{e['test']['pass_at_k']['1']:.3f}", f"{e['test']['pass_at_k'][str(kmax)]:.3f}",
-                f"{e['ood']['pass_at_k']['1']:.3f}", f"{e['ood']['pass_at_k'][str(kmax)]:.3f}",
-                f"{r['train']['reward/mean']:.3f}" if "train" in r else "–", f"{r.get('seconds', 0):.0f}"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        r.get("run", g.label),
+                        f"{e['test']['pass_at_k']['1']:.3f}",
+                        f"{e['test']['pass_at_k'][str(kmax)]:.3f}",
+                        f"{e['ood']['pass_at_k']['1']:.3f}",
+                        f"{e['ood']['pass_at_k'][str(kmax)]:.3f}",
+                        f"{r['train']['reward/mean']:.3f}" if "train" in r else "–",
+                        f"{r.get('seconds', 0):.0f}",
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -352,8 +481,11 @@ def comparisons(groups: dict[str, Group], kmax: int) -> list[str]:
     """The questions of the study as numbers: mean differences and the seeds' spread."""
     out = []
     base = groups.get("grpo_n8")
-    for key, what in (("fgrpo_g0.5_n8", "F-GRPO γ=0.5 N=8"), ("fgrpo_g1.0_n8", "F-GRPO γ=1.0 N=8"),
-                      ("grpo_n32", "GRPO N=32")):
+    for key, what in (
+        ("fgrpo_g0.5_n8", "F-GRPO γ=0.5 N=8"),
+        ("fgrpo_g1.0_n8", "F-GRPO γ=1.0 N=8"),
+        ("grpo_n32", "GRPO N=32"),
+    ):
         g = groups.get(key)
         if base is None or g is None:
             continue
@@ -363,11 +495,15 @@ def comparisons(groups: dict[str, Group], kmax: int) -> list[str]:
                 d = float(np.mean(a) - np.mean(b))
                 sa, sb = mean_std(a)[1], mean_std(b)[1]
                 # Standard error of a difference of two independent means over seeds.
-                se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b)) if len(a) > 1 and len(b) > 1 else float("nan")
-                verdict = "n/a (one seed)" if math.isnan(se) else (
-                    "larger than 2 s.e." if abs(d) > 2 * se else "within 2 s.e. (not distinguishable)")
-                out.append(f"- {what} − GRPO N=8, {split} pass@{k}: {d:+.3f} (s.e. of the difference "
-                           f"{se:.3f}; {verdict})")
+                se = math.sqrt(sa**2 / len(a) + sb**2 / len(b)) if len(a) > 1 and len(b) > 1 else float("nan")
+                verdict = (
+                    "n/a (one seed)"
+                    if math.isnan(se)
+                    else ("larger than 2 s.e." if abs(d) > 2 * se else "within 2 s.e. (not distinguishable)")
+                )
+                out.append(
+                    f"- {what} − GRPO N=8, {split} pass@{k}: {d:+.3f} (s.e. of the difference {se:.3f}; {verdict})"
+                )
     f, n32 = groups.get("fgrpo_g0.5_n8"), groups.get("grpo_n32")
     if f is not None and n32 is not None:
         for split in ("test", "ood"):
@@ -390,7 +526,7 @@ def plot_split(groups: list[Group], split: str, ks: tuple[int, ...], path: Path,
     return plot_pass_at_k(curves, path, errors=errors, title=title)
 
 
-def plot_deltas(groups: list[Group], ks: tuple[int, ...], path: Path, reference: str = "grpo_n8") -> Optional[Path]:
+def plot_deltas(groups: list[Group], ks: tuple[int, ...], path: Path, reference: str = "grpo_n8") -> Path | None:
     """Both splits side by side: pass@k of every method minus that of ``reference`` (mean over seeds),
     with error bars of +-1 standard error of that difference. The absolute curves of
     :func:`plot_split` lie within a few points of each other; this is where the gaps are readable."""
@@ -416,8 +552,17 @@ def plot_deltas(groups: list[Group], ks: tuple[int, ...], path: Path, reference:
                 # Nudge each method sideways a little so the error bars do not hide each other.
                 xs = [k * 2 ** (0.06 * (i - (len(others) - 1) / 2)) for k in ks]
                 # Same colour as in the absolute plots (matplotlib's cycle in the order of ``groups``).
-                ax.errorbar(xs, d, yerr=err, marker="o", markersize=4, capsize=3, linewidth=1.4, label=g.label,
-                            color=f"C{groups.index(g) % 10}")
+                ax.errorbar(
+                    xs,
+                    d,
+                    yerr=err,
+                    marker="o",
+                    markersize=4,
+                    capsize=3,
+                    linewidth=1.4,
+                    label=g.label,
+                    color=f"C{groups.index(g) % 10}",
+                )
             ax.axhline(0.0, color="black", linewidth=0.8)
             ax.set_xscale("log", base=2)
             ax.set_xticks(list(ks))
@@ -435,24 +580,42 @@ def plot_deltas(groups: list[Group], ks: tuple[int, ...], path: Path, reference:
     return path
 
 
-def write_report(out: Path, preset_name: str, preset: Preset, warm: dict[str, Any], groups: list[Group],
-                 selection: Optional[dict[str, Any]], timings: dict[str, float], argv: list[str]) -> Path:
+def write_report(
+    out: Path,
+    preset_name: str,
+    preset: Preset,
+    warm: dict[str, Any],
+    groups: list[Group],
+    selection: dict[str, Any] | None,
+    timings: dict[str, float],
+    argv: list[str],
+) -> Path:
     kmax = max(preset.eval_k)
     by_key = {g.key: g for g in groups}
-    plots = {split: plot_split(groups, split, preset.eval_k, out / f"pass_at_k_{split}.png",
-                               f"countdown {split}: pass@k (mean over seeds ± std), {preset.eval_prompts} problems, "
-                               f"n={preset.eval_n}") for split in ("test", "ood")}
+    plots = {
+        split: plot_split(
+            groups,
+            split,
+            preset.eval_k,
+            out / f"pass_at_k_{split}.png",
+            f"countdown {split}: pass@k (mean over seeds ± std), {preset.eval_prompts} problems, n={preset.eval_n}",
+        )
+        for split in ("test", "ood")
+    }
     delta_png = plot_deltas(groups, preset.eval_k, out / "pass_at_k_delta.png")
     first = next(r for g in groups for r in g.runs if "overrides" in r)
     cmd_train = "python -m rlsys.train " + " ".join(shlex.quote(o) for o in first["overrides"])
     disc = out / "discussion.md"
     lines = [
-        "# F-GRPO vs GRPO on countdown (tiny model, CPU)", "",
+        "# F-GRPO vs GRPO on countdown (tiny model, CPU)",
+        "",
         f"Generated by `python scripts/study_fgrpo.py {' '.join(shlex.quote(a) for a in argv)}` "
         f"(preset `{preset_name}`) on {platform.node() or 'this machine'}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        "Every number below is in `results.json`; every run's metrics and evals are under `rl/`.", "",
-        "## Setup", "",
+        "Every number below is in `results.json`; every run's metrics and evals are under `rl/`.",
+        "",
+        "## Setup",
+        "",
         f"- Policy: the built-in tiny Qwen2 model, starting point `{warm['path']}` (the SFT warm start unless "
         "`sft.enabled=false`; every RL run starts from it).",
         f"- RL: {', '.join(preset.train)}; seeds {list(preset.seeds)}; everything else is the rlsys default "
@@ -475,34 +638,80 @@ def write_report(out: Path, preset_name: str, preset: Preset, warm: dict[str, An
             f"{selection['histogram']}); {SELECTION_METHOD.label} (seed {preset.seeds[0]}) trained on the hardest "
             f"{hard['num_prompts']} (pass rate {hard['min']:.2f}..{hard['max']:.2f}) and on the easiest "
             f"{easy['num_prompts']} (pass rate {easy['min']:.2f}..{easy['max']:.2f}) prompts, same steps and "
-            "prompts per step.")
-    lines += ["", "## Results (mean ± std across seeds)", "", results_table(groups, kmax), "",
-              "Per run:", "", per_seed_table(groups, kmax), "",
-              "## pass@k curves", "", "![test](pass_at_k_test.png)", "", "![ood](pass_at_k_ood.png)", "",
-              *(["Differences to GRPO N=8 (error bars: ± 1 s.e. of the difference over seeds; for a one-seed row that is the reference's spread alone):", "", "![delta](pass_at_k_delta.png)", ""]
-                if delta_png else []),
-              "## The questions, as numbers", "", *comparisons(by_key, kmax), "",
-              "## Discussion", ""]
-    lines += [disc.read_text().strip(), ""] if disc.exists() else [
-        "(No hand-written analysis yet: `discussion.md` next to this file is embedded here when present.)", ""]
+            "prompts per step."
+        )
+    lines += [
+        "",
+        "## Results (mean ± std across seeds)",
+        "",
+        results_table(groups, kmax),
+        "",
+        "Per run:",
+        "",
+        per_seed_table(groups, kmax),
+        "",
+        "## pass@k curves",
+        "",
+        "![test](pass_at_k_test.png)",
+        "",
+        "![ood](pass_at_k_ood.png)",
+        "",
+        *(
+            [
+                "Differences to GRPO N=8 (error bars: ± 1 s.e. of the difference over seeds; "
+                "for a one-seed row that is the reference's spread alone):",
+                "",
+                "![delta](pass_at_k_delta.png)",
+                "",
+            ]
+            if delta_png
+            else []
+        ),
+        "## The questions, as numbers",
+        "",
+        *comparisons(by_key, kmax),
+        "",
+        "## Discussion",
+        "",
+    ]
+    lines += (
+        [disc.read_text().strip(), ""]
+        if disc.exists()
+        else ["(No hand-written analysis yet: `discussion.md` next to this file is embedded here when present.)", ""]
+    )
     total = timings.get("total", 0.0)
-    lines += ["## Commands and wall time", "",
-              "The whole study:", "", "```", f"nice python scripts/study_fgrpo.py {' '.join(argv)}", "```", "",
-              "It runs, per run (example: the first one; the others differ in the algo/seed/data overrides "
-              "listed in `results.json`):", "", "```", cmd_train,
-              f"python -m rlsys.eval model.path=<that run's final checkpoint> eval.split=test  # and eval.split=ood",
-              "```", "",
-              f"Wall time of the invocation that produced `results.json`: {total / 60:.1f} min on {_machine()} "
-              f"(warm start + its eval {timings.get('warm_start', 0) / 60:.1f} min, difficulty "
-              f"{timings.get('difficulty', 0) / 60:.1f} min, RL runs {timings.get('runs', 0) / 60:.1f} min). "
-              "Per-run wall times are in the per-run table.", "",
-              "## Files", "",
-              "- `results.json`: every number in this report, per run",
-              f"- `{plots['test'].name}`, `{plots['ood'].name}`, `pass_at_k_delta.png`: the plots above",
-              "- `rl/<run>/`: `metrics.jsonl`, `eval_test/`, `eval_ood/`, `result.json` (checkpoints are deleted "
-              "after evaluation unless `--keep-checkpoints`)",
-              "- `difficulty/`: `annotated.jsonl` (pool pass rates), `hardest.jsonl`, `easiest.jsonl`, "
-              "`pass_rates.png`, `summary.json`", ""]
+    lines += [
+        "## Commands and wall time",
+        "",
+        "The whole study:",
+        "",
+        "```",
+        f"nice python scripts/study_fgrpo.py {' '.join(argv)}",
+        "```",
+        "",
+        "It runs, per run (example: the first one; the others differ in the algo/seed/data overrides "
+        "listed in `results.json`):",
+        "",
+        "```",
+        cmd_train,
+        "python -m rlsys.eval model.path=<that run's final checkpoint> eval.split=test  # and eval.split=ood",
+        "```",
+        "",
+        f"Wall time of the invocation that produced `results.json`: {total / 60:.1f} min on {_machine()} "
+        f"(warm start + its eval {timings.get('warm_start', 0) / 60:.1f} min, difficulty "
+        f"{timings.get('difficulty', 0) / 60:.1f} min, RL runs {timings.get('runs', 0) / 60:.1f} min). "
+        "Per-run wall times are in the per-run table.",
+        "",
+        "## Files",
+        "",
+        "- `results.json`: every number in this report, per run",
+        f"- `{plots['test'].name}`, `{plots['ood'].name}`, `pass_at_k_delta.png`: the plots above",
+        "- `rl/<run>/`: `metrics.jsonl`, `eval_test/`, `eval_ood/`, `result.json` (checkpoints are deleted "
+        "after evaluation unless `--keep-checkpoints`)",
+        "- `difficulty/`: `annotated.jsonl` (pool pass rates), `hardest.jsonl`, `easiest.jsonl`, "
+        "`pass_rates.png`, `summary.json`",
+        "",
+    ]
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
@@ -515,17 +724,24 @@ def _machine() -> str:
 # ================================ main ===============================================================
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "study")
-    ap.add_argument("--keep-checkpoints", action="store_true",
-                    help="keep every run's final checkpoint (deleted after evaluation by default)")
-    ap.add_argument("--report-only", action="store_true",
-                    help="rewrite README.md and the plots from an existing results.json (e.g. after editing "
-                         "discussion.md); runs nothing")
+    ap.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every run's final checkpoint (deleted after evaluation by default)",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite README.md and the plots from an existing results.json (e.g. after editing "
+        "discussion.md); runs nothing",
+    )
     args = ap.parse_args(argv)
     out: Path = args.out.resolve()
     if args.report_only:
@@ -534,8 +750,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from rlsys import cluster
+    from rlsys.cli import setup_logging
     from rlsys.driver import policy_model_path
-    from rlsys.hydra_app import setup_logging
 
     setup_logging()
     t_start = time.perf_counter()
@@ -564,15 +780,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         timings["difficulty"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for sel in SELECTIONS:
-            r = run_one(preset, SELECTION_METHOD, preset.seeds[0], out, ws, data=Path(selection[sel]["file"]),
-                        tag=f"_{sel}", keep_checkpoints=args.keep_checkpoints)
+            r = run_one(
+                preset,
+                SELECTION_METHOD,
+                preset.seeds[0],
+                out,
+                ws,
+                data=Path(selection[sel]["file"]),
+                tag=f"_{sel}",
+                keep_checkpoints=args.keep_checkpoints,
+            )
             groups.append(Group(sel, f"{SELECTION_METHOD.label}, {sel} 10%", [r]))
         timings["runs"] += time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
-    results = {"preset": args.preset, "preset_values": dataclasses.asdict(preset), "argv": argv,
-               "warm_start": warm, "groups": [dataclasses.asdict(g) for g in groups], "selection": selection,
-               "timings_s": timings}
+    results = {
+        "preset": args.preset,
+        "preset_values": dataclasses.asdict(preset),
+        "argv": argv,
+        "warm_start": warm,
+        "groups": [dataclasses.asdict(g) for g in groups],
+        "selection": selection,
+        "timings_s": timings,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     readme = write_report(out, args.preset, preset, warm, groups, selection, timings, argv)
     print("\n" + results_table(groups, max(preset.eval_k)))
@@ -584,10 +814,19 @@ def rewrite_report(out: Path) -> int:
     """README.md and plots again from ``out/results.json`` (same preset, commands and timings)."""
     results = json.loads((out / "results.json").read_text())
     pv = results["preset_values"]
-    preset = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in pv.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in pv.items()}
+    preset = Preset(**fields)
     groups = [Group(**g) for g in results["groups"]]
-    readme = write_report(out, results["preset"], preset, results["warm_start"], groups, results["selection"],
-                          results["timings_s"], results["argv"])
+    readme = write_report(
+        out,
+        results["preset"],
+        preset,
+        results["warm_start"],
+        groups,
+        results["selection"],
+        results["timings_s"],
+        results["argv"],
+    )
     print(f"rewrote {readme}")
     return 0
 

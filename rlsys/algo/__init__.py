@@ -1,4 +1,5 @@
-"""Pure math core of rlsys: F-GRPO advantages, policy losses, pass@k, theory and the categorical sim.
+"""Pure math core of rlsys: F-GRPO advantages, policy losses, chunked LM-head log-probs, pass@k, theory
+and the categorical sim.
 
 Only torch, numpy and the standard library are imported here, so every function can be unit-tested
 without Ray, vLLM or DeepSpeed. Shapes follow ``[B, G]`` (prompts x rollouts) for rewards and
@@ -28,6 +29,7 @@ from .categorical import (
     surrogate_gradient,
     surrogate_objective,
 )
+from .logprobs import LOGITS_CHUNK_BYTES, LogprobHead, auto_chunk_tokens, chunk_logprob_entropy, token_logprobs
 from .losses import AGG_MODES, DEFAULT_CLIP, LOSS_TYPES, kl_k3, policy_loss
 from .passk import pass_at_k, pass_at_k_curve
 from .theory import active_probability, tail_miss_probability
@@ -45,6 +47,12 @@ __all__ = [
     "DEFAULT_CLIP",
     "kl_k3",
     "policy_loss",
+    # chunked LM-head log-probs
+    "LOGITS_CHUNK_BYTES",
+    "LogprobHead",
+    "auto_chunk_tokens",
+    "chunk_logprob_entropy",
+    "token_logprobs",
     # pass@k
     "pass_at_k",
     "pass_at_k_curve",

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Literal, overload
 
 import torch
+from numpy.typing import ArrayLike
 
 __all__ = [
     "GroupStats",
@@ -30,7 +31,7 @@ __all__ = [
     "dynamic_sampling_mask",
 ]
 
-Number = Union[int, float]
+Number = int | float
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +57,7 @@ class GroupStats:
     success_rate_mean: float
     learnable_fraction: float
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         """The scalar summaries as ``{name: python float}`` (no tensors)."""
         return {
             "focal_weight_mean": self.focal_weight_mean,
@@ -79,13 +80,11 @@ def _check_gamma(gamma: Number) -> float:
         raise ValueError(f"gamma must be a real number >= 0, got {gamma!r}")
     gamma = float(gamma)
     if not math.isfinite(gamma) or gamma < 0.0:
-        raise ValueError(
-            f"gamma must be finite and >= 0 (0 = plain GRPO, the paper uses 0.5 or 1.0), got {gamma}"
-        )
+        raise ValueError(f"gamma must be finite and >= 0 (0 = plain GRPO, the paper uses 0.5 or 1.0), got {gamma}")
     return gamma
 
 
-def focal_weight(success_rate, gamma: Number) -> torch.Tensor:
+def focal_weight(success_rate: torch.Tensor | ArrayLike, gamma: Number) -> torch.Tensor:
     """F-GRPO focal weight ``g = (1 - success_rate) ** gamma`` (paper-notes Sec. 1).
 
     Args:
@@ -108,9 +107,7 @@ def focal_weight(success_rate, gamma: Number) -> torch.Tensor:
         if not bool(torch.isfinite(s).all()):
             raise ValueError("success_rate contains NaN/inf; it must be a fraction in [0, 1]")
         if bool((s < 0).any()) or bool((s > 1).any()):
-            raise ValueError(
-                f"success_rate must lie in [0, 1], got values in [{s.min().item()}, {s.max().item()}]"
-            )
+            raise ValueError(f"success_rate must lie in [0, 1], got values in [{s.min().item()}, {s.max().item()}]")
     return torch.pow(1.0 - s, gamma)
 
 
@@ -141,9 +138,7 @@ def _check_correct(correct: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if not isinstance(correct, torch.Tensor):
         raise ValueError(f"correct must be a bool torch.Tensor of shape [B, G], got {type(correct).__name__}")
     if correct.shape != shape:
-        raise ValueError(
-            f"correct must have the rewards' shape {tuple(shape)}, got {tuple(correct.shape)}"
-        )
+        raise ValueError(f"correct must have the rewards' shape {tuple(shape)}, got {tuple(correct.shape)}")
     if correct.dtype != torch.bool:
         if correct.is_floating_point() or correct.is_complex():
             raise ValueError(f"correct must be a bool tensor (the verifier's flag), got dtype {correct.dtype}")
@@ -159,8 +154,8 @@ def _is_binary(rewards: torch.Tensor) -> bool:
 
 def group_success_rate(
     rewards: torch.Tensor,
-    correct: Optional[torch.Tensor] = None,
-    success_threshold: Optional[Number] = None,
+    correct: torch.Tensor | None = None,
+    success_threshold: Number | None = None,
 ) -> torch.Tensor:
     """Empirical success rate mu_hat = X / G of each group (paper-notes Sec. 1), shape ``[B]``.
 
@@ -174,7 +169,17 @@ def group_success_rate(
     return _success_rate(rewards, correct, success_threshold, required=True)
 
 
-def _success_rate(rewards, correct, success_threshold, required: bool) -> Optional[torch.Tensor]:
+@overload
+def _success_rate(
+    rewards: torch.Tensor, correct: torch.Tensor | None, success_threshold: Number | None, required: Literal[True]
+) -> torch.Tensor: ...
+@overload
+def _success_rate(
+    rewards: torch.Tensor, correct: torch.Tensor | None, success_threshold: Number | None, required: bool
+) -> torch.Tensor | None: ...
+def _success_rate(
+    rewards: torch.Tensor, correct: torch.Tensor | None, success_threshold: Number | None, required: bool
+) -> torch.Tensor | None:
     if correct is not None:
         correct = _check_correct(correct, rewards.shape)
         return correct.to(rewards.dtype).mean(dim=-1)
@@ -201,9 +206,9 @@ def group_advantages(
     gamma: Number = 0.0,
     std_normalize: bool = True,
     eps: float = 1e-6,
-    success_threshold: Optional[Number] = None,
-    correct: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, GroupStats]:
+    success_threshold: Number | None = None,
+    correct: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, GroupStats]:
     """F-GRPO advantages ``A_i^F = g(x) * A_i`` for a batch of groups (paper-notes Sec. 1).
 
     ``A_i = (R_i - mean_j R_j) / (std_j R_j + eps)`` with the population std (``std_normalize=True``,
@@ -282,8 +287,8 @@ def group_advantages(
 
 def dynamic_sampling_mask(
     rewards: torch.Tensor,
-    correct: Optional[torch.Tensor] = None,
-    success_threshold: Optional[Number] = None,
+    correct: torch.Tensor | None = None,
+    success_threshold: Number | None = None,
 ) -> torch.Tensor:
     """DAPO dynamic-sampling filter: bool ``[B]``, True for groups worth keeping.
 

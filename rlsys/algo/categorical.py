@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -76,7 +76,8 @@ class CategoricalSetup:
             raise ValueError(f"num_actions must be an int >= 2, got {self.num_actions!r}")
         if not isinstance(self.num_correct, int) or not 1 <= self.num_correct < self.num_actions:
             raise ValueError(
-                f"num_correct must be an int in [1, num_actions - 1] = [1, {self.num_actions - 1}], got {self.num_correct!r}"
+                f"num_correct must be an int in [1, num_actions - 1] = [1, {self.num_actions - 1}], "
+                f"got {self.num_correct!r}"
             )
         for name in ("anchor_logit", "correct_logit", "incorrect_logit", "reward_correct", "reward_incorrect"):
             if not math.isfinite(float(getattr(self, name))):
@@ -109,7 +110,7 @@ def _check_surrogate(surrogate: str) -> None:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
 
 
-def _centred_counts(counts: torch.Tensor, action_rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _centred_counts(counts: torch.Tensor, action_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cr, n)``: cr[a] = counts[a] * (R_a - mean_j R_{a_j}) = sum_j r_j [a_j = a], and n = N per row."""
     n = counts.sum(dim=-1, keepdim=True)
     if bool((n <= 0).any()):
@@ -143,7 +144,7 @@ def surrogate_gradient(
     counts: torch.Tensor,
     action_rewards: torch.Tensor,
     surrogate: str,
-    probs: Optional[torch.Tensor] = None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Analytic dJ/dz of :func:`surrogate_objective`, same shape as ``logits``.
 
@@ -161,7 +162,7 @@ def _gradient_from_centred(
     cr: torch.Tensor,
     scale: torch.Tensor,
     surrogate: str,
-    probs: Optional[torch.Tensor],
+    probs: torch.Tensor | None,
 ) -> torch.Tensor:
     """dJ/dz times the per-row factor ``scale`` ([S, 1]; 1/N, or g/N with the focal weight).
 
@@ -176,7 +177,7 @@ def _gradient_from_centred(
 
 def binary_centred_counts(
     counts: torch.Tensor, num_correct: int, reward_correct: float, reward_incorrect: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast ``(cr, X)`` for two-valued rewards with the correct actions first (one pass over [S, A]).
 
     ``cr[a] = counts[a] * (R_a - mean R)`` exactly as in the general path, and ``X`` ([S, 1]) is the
@@ -194,7 +195,7 @@ def binary_centred_counts(
 def sample_counts(
     probs: torch.Tensor,
     num_samples: int,
-    generators: Sequence[Optional[torch.Generator]],
+    generators: Sequence[torch.Generator | None],
     dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """Draw ``num_samples`` actions with replacement from each row of ``probs`` and count them.
@@ -244,7 +245,7 @@ class AdamState:
     step: int = 0
 
     @classmethod
-    def zeros_like(cls, params: torch.Tensor) -> "AdamState":
+    def zeros_like(cls, params: torch.Tensor) -> AdamState:
         return cls(torch.zeros_like(params), torch.zeros_like(params), 0)
 
 
@@ -253,7 +254,7 @@ def adam_ascent_step(
     grad: torch.Tensor,
     state: AdamState,
     lr: float,
-    betas: Tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> None:
     """One in-place Adam step that ASCENDS ``grad`` (== torch.optim.Adam(maximize=True), wd 0).
@@ -296,17 +297,17 @@ class SimulationResult:
     """
 
     num_samples: int
-    gammas: List[float]
-    seeds: List[int]
+    gammas: list[float]
+    seeds: list[int]
     surrogate: str
     optimizer: str
     steps: int
     q_pos: np.ndarray
     m_ret: np.ndarray
     q_pos_init: float
-    record_steps: List[int] = field(default_factory=list)
-    q_pos_traj: Optional[np.ndarray] = None
-    m_ret_traj: Optional[np.ndarray] = None
+    record_steps: list[int] = field(default_factory=list)
+    q_pos_traj: np.ndarray | None = None
+    m_ret_traj: np.ndarray | None = None
     wall_seconds: float = 0.0
 
 
@@ -320,7 +321,7 @@ def simulate(
     lr: float = 1e-2,
     surrogate: str = "prob",
     optimizer: str = "sgd",
-    betas: Tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float, float] = (0.9, 0.999),
     adam_eps: float = 1e-8,
     dtype: torch.dtype = torch.float32,
     record_every: int = 0,
@@ -351,8 +352,8 @@ def simulate(
     seeds = [int(s) for s in seeds]
     if not gammas or not seeds:
         raise ValueError("gammas and seeds must be non-empty")
-    for g in gammas:
-        focal_weight(torch.zeros(1), g)  # validates gamma >= 0 with the shared error message
+    for gamma in gammas:
+        focal_weight(torch.zeros(1), gamma)  # validates gamma >= 0 with the shared error message
 
     t0 = time.perf_counter()
     C = setup.num_correct
@@ -360,16 +361,15 @@ def simulate(
     S = n_g * n_s
     z0 = setup.initial_logits(dtype)
     p0 = torch.softmax(z0.double(), dim=-1)
-    rewards = setup.action_rewards(dtype)
     logits = z0.unsqueeze(0).repeat(S, 1)
     generators = [torch.Generator().manual_seed(s) for _ in gammas for s in seeds]
     adam = AdamState.zeros_like(logits) if optimizer == "adam" else None
 
-    record_steps: List[int] = []
-    q_traj: List[np.ndarray] = []
-    m_traj: List[np.ndarray] = []
+    record_steps: list[int] = []
+    q_traj: list[np.ndarray] = []
+    m_traj: list[np.ndarray] = []
 
-    def metrics(z: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    def metrics(z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         p = torch.softmax(z.double(), dim=-1)  # float64 metrics whatever the simulation dtype
         q = positive_mass(p, C).view(n_g, n_s).numpy().copy()
         m = retained_positive_mass(p0, p, C).view(n_g, n_s).numpy().copy()
@@ -388,7 +388,7 @@ def simulate(
         counts = sample_counts(probs, num_samples, generators, dtype=dtype)
         cr, x = binary_centred_counts(counts, C, setup.reward_correct, setup.reward_incorrect)
         mu_hat = x.squeeze(-1) / num_samples  # fraction of the N samples that are correct
-        g = torch.cat([focal_weight(mu_hat[i * n_s:(i + 1) * n_s], gammas[i]) for i in range(n_g)])
+        g = torch.cat([focal_weight(mu_hat[i * n_s : (i + 1) * n_s], gammas[i]) for i in range(n_g)])
         # F-GRPO: the whole update of a group is scaled by g (paper-notes Sec. 1): grad = g * dJ/dz.
         grad = _gradient_from_centred(logits, cr, (g / num_samples).unsqueeze(-1), surrogate, probs)
         if adam is None:
@@ -416,9 +416,9 @@ def simulate(
     )
 
 
-def summarize(result: SimulationResult) -> Dict[str, float]:
+def summarize(result: SimulationResult) -> dict[str, float]:
     """Seed-mean final Q_pos and M_ret per gamma: ``{"q_pos[gamma=g]": ..., "m_ret[gamma=g]": ...}``."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for i, g in enumerate(result.gammas):
         out[f"q_pos[gamma={g:g}]"] = float(result.q_pos[i].mean())
         out[f"m_ret[gamma={g:g}]"] = float(result.m_ret[i].mean())

@@ -15,20 +15,18 @@ so that the average of the rank gradients is the full-batch gradient.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["LOSS_TYPES", "AGG_MODES", "DEFAULT_CLIP", "kl_k3", "policy_loss"]
+from rlsys.choices import AGG_MODES, LOSS_TYPES  # the one definition of the vocabularies
 
-LOSS_TYPES = ("grpo", "dapo", "cispo")
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+__all__ = ["LOSS_TYPES", "AGG_MODES", "DEFAULT_CLIP", "kl_k3", "policy_loss"]
 
 #: Per-type default (eps_low, eps_high): the clip range of the ratio is [1 - eps_low, 1 + eps_high].
 #: GRPO symmetric 0.2; DAPO clip-higher 0.28; CISPO clips its IS weight to [0, 6] (paper-notes Sec. 2).
 DEFAULT_CLIP = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "cispo": (1.0, 5.0)}
 
-Number = Union[int, float]
+Number = int | float
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -41,7 +39,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def _check_float_tensor(name: str, x, shape=None) -> torch.Tensor:
+def _check_float_tensor(name: str, x: object, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -69,7 +67,7 @@ def _check_coef(name: str, value: Number) -> float:
     return value
 
 
-def _check_normalizer(normalizer) -> Union[float, torch.Tensor]:
+def _check_normalizer(normalizer: object) -> float | torch.Tensor:
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a scalar, got a tensor of shape {tuple(normalizer.shape)}")
@@ -92,18 +90,18 @@ def policy_loss(
     response_mask: torch.Tensor,
     *,
     loss_type: str = "grpo",
-    clip_low: Optional[Number] = None,
-    clip_high: Optional[Number] = None,
-    ref_logprobs: Optional[torch.Tensor] = None,
+    clip_low: Number | None = None,
+    clip_high: Number | None = None,
+    ref_logprobs: torch.Tensor | None = None,
     kl_coef: Number = 0.0,
-    entropy: Optional[torch.Tensor] = None,
+    entropy: torch.Tensor | None = None,
     entropy_coef: Number = 0.0,
     agg: str = "token_mean",
-    normalizer: Optional[Union[Number, torch.Tensor]] = None,
-    token_sum_constant: Optional[Number] = None,
-    rollout_logprobs: Optional[torch.Tensor] = None,
-    tis_cap: Optional[Number] = None,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+    normalizer: Number | torch.Tensor | None = None,
+    token_sum_constant: Number | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: Number | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss to MINIMISE, plus detached metrics (paper-notes Sec. 2).
 
     Per token, with ratio ``r = exp(logprobs - old_logprobs)`` and advantage ``A``:
@@ -211,8 +209,12 @@ def policy_loss(
     elif entropy_coef > 0:
         raise ValueError("entropy_coef > 0 needs entropy=[N, T] per-token entropies (or set entropy_coef=0)")
     if tis_cap is not None:
-        if isinstance(tis_cap, bool) or not isinstance(tis_cap, (int, float)) or not math.isfinite(float(tis_cap)) \
-                or tis_cap < 1:
+        if (
+            isinstance(tis_cap, bool)
+            or not isinstance(tis_cap, (int, float))
+            or not math.isfinite(float(tis_cap))
+            or tis_cap < 1
+        ):
             raise ValueError(f"tis_cap must be a finite number >= 1 (or None for off), got {tis_cap!r}")
         if rollout_logprobs is None:
             raise ValueError("tis_cap needs rollout_logprobs=[N, T], the sampler's log-probs (or set tis_cap=None)")
@@ -221,10 +223,15 @@ def policy_loss(
     if agg == "seq_mean_token_sum_norm":
         if token_sum_constant is None:
             raise ValueError(
-                "agg='seq_mean_token_sum_norm' (Dr.GRPO) needs token_sum_constant=<constant, e.g. the max response length>"
+                "agg='seq_mean_token_sum_norm' (Dr.GRPO) needs "
+                "token_sum_constant=<constant, e.g. the max response length>"
             )
-        if isinstance(token_sum_constant, bool) or not isinstance(token_sum_constant, (int, float)) \
-                or not math.isfinite(float(token_sum_constant)) or token_sum_constant <= 0:
+        if (
+            isinstance(token_sum_constant, bool)
+            or not isinstance(token_sum_constant, (int, float))
+            or not math.isfinite(float(token_sum_constant))
+            or token_sum_constant <= 0
+        ):
             raise ValueError(f"token_sum_constant must be a finite number > 0, got {token_sum_constant!r}")
     if normalizer is not None:
         normalizer = _check_normalizer(normalizer)
@@ -252,6 +259,7 @@ def policy_loss(
         clip_active = (ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)
     tis_w = None
     if tis_cap is not None:
+        assert rollout_logprobs is not None  # checked above: tis_cap needs it
         # A constant per token (old and rollout log-probs carry no gradient); masked positions get 1.
         tis_w = torch.exp(torch.where(mask, old_logprobs - rollout_logprobs, zero))
         tis_clipped = tis_w > float(tis_cap)
@@ -261,7 +269,9 @@ def policy_loss(
     per_token = pg
     kl_tok = None
     if ref_logprobs is not None:
-        kl_tok = torch.where(mask, kl_k3(torch.where(mask, logprobs, zero), torch.where(mask, ref_logprobs, zero)), zero)
+        kl_tok = torch.where(
+            mask, kl_k3(torch.where(mask, logprobs, zero), torch.where(mask, ref_logprobs, zero)), zero
+        )
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl_tok
     ent_tok = None
@@ -281,9 +291,11 @@ def policy_loss(
         if agg == "seq_mean_token_mean":
             row_term = row_sum / tokens_per_row.clamp(min=1.0)  # empty rows have row_sum == 0
         else:
+            assert token_sum_constant is not None  # checked above for this mode
             row_term = row_sum / float(token_sum_constant)  # Dr.GRPO: constant, length-unbiased
         total = row_term.sum()
         default_norm = nonempty_rows.to(logprobs.dtype).sum()
+    denom: float | torch.Tensor
     if normalizer is None:
         denom = default_norm.clamp(min=1.0)  # empty call: zero loss still attached to the graph
     else:
@@ -308,8 +320,16 @@ def policy_loss(
             n_tok,
             nonempty_rows.to(ratio.dtype).sum(),
         ]
-        names = ["pg_loss", "clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max",
-                 "num_tokens", "num_sequences"]
+        names = [
+            "pg_loss",
+            "clip_fraction",
+            "approx_kl",
+            "ratio_mean",
+            "ratio_min",
+            "ratio_max",
+            "num_tokens",
+            "num_sequences",
+        ]
         if kl_tok is not None:
             values.append(kl_tok.detach().sum() / safe_n)
             names.append("kl")
@@ -317,8 +337,10 @@ def policy_loss(
             values.append(ent_tok.detach().sum() / safe_n)
             names.append("entropy")
         if tis_w is not None:
-            values += [torch.where(has_tok, torch.where(mask, tis_w, zero).sum() / safe_n, one),
-                       (tis_clipped & mask).to(ratio.dtype).sum() / safe_n]
+            values += [
+                torch.where(has_tok, torch.where(mask, tis_w, zero).sum() / safe_n, one),
+                (tis_clipped & mask).to(ratio.dtype).sum() / safe_n,
+            ]
             names += ["tis_weight_mean", "tis_clip_fraction"]
         floats = torch.stack([v.to(ratio.dtype).reshape(()) for v in values]).tolist()
     metrics = dict(zip(names, floats))

@@ -8,26 +8,25 @@ full relative precision even when pass@k is tiny, and exact 1.0 when ``n - c < k
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Union
+from collections.abc import Iterable
 
 import numpy as np
 
 __all__ = ["pass_at_k", "pass_at_k_curve"]
 
-ArrayLike = Union[int, float, np.ndarray, Iterable]
+ArrayLike = int | float | np.ndarray | Iterable[int | float]
 
 
-def _as_int_array(name: str, x) -> np.ndarray:
+def _as_int_array(name: str, x: ArrayLike) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype == bool or arr.dtype.kind not in "iuf":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise ValueError(f"{name} must hold whole numbers, got {arr}")
+    if arr.dtype.kind == "f" and (not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))):
+        raise ValueError(f"{name} must hold whole numbers, got {arr}")
     return arr.astype(np.int64)
 
 
-def pass_at_k(n: ArrayLike, c: ArrayLike, k: int) -> Union[float, np.ndarray]:
+def pass_at_k(n: ArrayLike, c: ArrayLike, k: int) -> float | np.ndarray:
     """Unbiased pass@k per problem.
 
     Args:
@@ -78,7 +77,7 @@ def pass_at_k(n: ArrayLike, c: ArrayLike, k: int) -> Union[float, np.ndarray]:
     return out
 
 
-def pass_at_k_curve(n: ArrayLike, c: ArrayLike, ks: Iterable[int]) -> Dict[int, float]:
+def pass_at_k_curve(n: ArrayLike, c: ArrayLike, ks: Iterable[int]) -> dict[int, float]:
     """Mean pass@k over problems for each k in ``ks``: ``{k: float}`` (keys in the order given).
 
     ``n`` / ``c`` as in :func:`pass_at_k` (one entry per problem); every k must satisfy

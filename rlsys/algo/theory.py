@@ -8,16 +8,14 @@ policy is pushed towards the common correct modes while E's probability is pushe
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 
 __all__ = ["active_probability", "tail_miss_probability"]
 
-ArrayLike = Union[int, float, np.ndarray]
+ArrayLike = int | float | np.ndarray
 
 
-def _as_group_sizes(n) -> np.ndarray:
+def _as_group_sizes(n: ArrayLike) -> np.ndarray:
     arr = np.asarray(n)
     if arr.dtype == bool or arr.dtype.kind not in "iuf":
         raise ValueError(f"n must be integer group sizes >= 1, got dtype {arr.dtype}")
@@ -26,20 +24,20 @@ def _as_group_sizes(n) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-def _as_prob(name: str, x) -> np.ndarray:
+def _as_prob(name: str, x: ArrayLike) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be a finite probability, got {x}")
     return arr
 
 
-def _finish(out: np.ndarray, scalar: bool):
+def _finish(out: np.ndarray, scalar: bool) -> float | np.ndarray:
     # Rounding can leave e.g. P(1) = 0 at -1e-17; the exact value is a probability in [0, 1].
     out = np.clip(out, 0.0, 1.0)
     return float(out) if scalar else out
 
 
-def active_probability(mu: ArrayLike, n: ArrayLike) -> Union[float, np.ndarray]:
+def active_probability(mu: ArrayLike, n: ArrayLike) -> float | np.ndarray:
     """P(0 < X < n) = ``1 - mu**n - (1 - mu)**n`` for X ~ Binomial(n, mu) (Lemma 3.1).
 
     Args:
@@ -58,7 +56,7 @@ def active_probability(mu: ArrayLike, n: ArrayLike) -> Union[float, np.ndarray]:
     return _finish(np.asarray(out, dtype=np.float64), scalar)
 
 
-def tail_miss_probability(mu: ArrayLike, tau: ArrayLike, n: ArrayLike) -> Union[float, np.ndarray]:
+def tail_miss_probability(mu: ArrayLike, tau: ArrayLike, n: ArrayLike) -> float | np.ndarray:
     """P(active and no rollout in E) = ``(1 - tau)**n - (mu - tau)**n - (1 - mu)**n`` (Lemma 3.1).
 
     Non-monotone in n: small groups are rarely active, large groups almost surely hit E. Example

@@ -26,7 +26,25 @@ _EXPORTS = {
     "train_tokenizer": "rlsys.models.tokenizer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "base_model_path", "load_tokenizer"])
+
+
+def base_model_path(model_cfg: Any) -> str:
+    """The base checkpoint of ``model_cfg`` (an :class:`rlsys.config.ModelConfig`): ``model.path``, or the
+    built-in tiny model of ``model.tiny_size`` / ``model.tiny_seed`` (built on first use, then cached)."""
+    if model_cfg.path:
+        return str(model_cfg.path)
+    from rlsys.models.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model(size=model_cfg.tiny_size, seed=model_cfg.tiny_seed))
+
+
+def load_tokenizer(model_cfg: Any, path: str) -> Any:
+    """The Hugging Face tokenizer of the checkpoint at ``path``, loaded as ``model_cfg`` says
+    (``model.trust_remote_code``: run the checkpoint's own tokenizer code, for custom architectures)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code))
 
 
 def __getattr__(name: str) -> Any:

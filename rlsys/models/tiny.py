@@ -139,9 +139,7 @@ def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int =
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     model = model.to(getattr(torch, STORAGE_DTYPE)).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=None, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID
-    )
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
     n_params = count_params(model)
     with _quiet_progress_bars():
         model.save_pretrained(str(out), safe_serialization=True)
@@ -168,9 +166,7 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "rlsys"
 
 
-def model_cache_path(
-    size: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None
-) -> Path:
+def model_cache_path(size: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`ensure_tiny_model` keeps the ``(size, seed)`` model."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "models" / f"qwen2-{size}-seed{seed}-v{FORMAT_VERSION}"
@@ -197,9 +193,7 @@ def _is_complete(model_dir: Path, size: str, seed: int) -> bool:
     )
 
 
-def ensure_tiny_model(
-    size: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None
-) -> Path:
+def ensure_tiny_model(size: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the cached ``(size, seed)`` model directory, building it first if needed.
 
     Safe under concurrency: builders serialize on a lock file next to the target, build into a
@@ -245,12 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", default=None, help="build into this (new or empty) directory instead of the cache"
-    )
-    parser.add_argument(
-        "--cache-dir", default=None, help="cache root (default: $RLSYS_CACHE_DIR or ~/.cache/rlsys)"
-    )
+    parser.add_argument("--out", default=None, help="build into this (new or empty) directory instead of the cache")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default: $RLSYS_CACHE_DIR or ~/.cache/rlsys)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.out is not None:

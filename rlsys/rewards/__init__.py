@@ -1,10 +1,11 @@
-"""Rewards: verifiers, their sandbox, and the reward pool (see ``pool`` for the Ray side).
+"""Rewards: the grader, verifiers and their sandbox; no Ray here.
 
-Importing this package never imports Ray or math-verify; both load where they are used.
+The Ray actor and the driver-side group of reward actors live in :mod:`rlsys.workers.reward`;
+this package imports neither Ray nor ``rlsys.workers`` (math-verify loads where it is used).
 """
 
 from rlsys.rewards.code_exec import run_code
-from rlsys.rewards.pool import COUNTER_KEYS, RewardGrader, RewardPool, RewardWorkerImpl
+from rlsys.rewards.grader import COUNTER_KEYS, RewardGrader
 from rlsys.rewards.sandbox import ChildConfig, Job, SandboxStartError, VerifierSandbox
 from rlsys.rewards.verifiers import (
     BUILTIN_VERIFIERS,
@@ -26,8 +27,6 @@ __all__ = [
     "GradeFailure",
     "Job",
     "RewardGrader",
-    "RewardPool",
-    "RewardWorkerImpl",
     "SandboxStartError",
     "VerifierSandbox",
     "check_spec_allowed",

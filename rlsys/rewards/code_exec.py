@@ -101,19 +101,65 @@ _AUDIT_ARCH_X86_64 = 0xC000003E
 # seccomp filter (the Python-level guards and the audit hook still apply): numbers we cannot test
 # here are not worth the risk of a filter that breaks the interpreter.
 _X86_64 = {
-    "socket": 41, "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "kill": 62,
-    "ptrace": 101, "pivot_root": 155, "chroot": 161, "mount": 165, "umount2": 166, "swapon": 167,
-    "swapoff": 168, "reboot": 169, "init_module": 175, "delete_module": 176, "tkill": 200,
-    "tgkill": 234, "kexec_load": 246, "unshare": 272, "perf_event_open": 298, "setns": 308,
-    "process_vm_readv": 310, "process_vm_writev": 311, "finit_module": 313, "kexec_file_load": 320,
-    "bpf": 321, "execveat": 322, "io_uring_setup": 425, "clone3": 435,
+    "socket": 41,
+    "socketpair": 53,
+    "clone": 56,
+    "fork": 57,
+    "vfork": 58,
+    "execve": 59,
+    "kill": 62,
+    "ptrace": 101,
+    "pivot_root": 155,
+    "chroot": 161,
+    "mount": 165,
+    "umount2": 166,
+    "swapon": 167,
+    "swapoff": 168,
+    "reboot": 169,
+    "init_module": 175,
+    "delete_module": 176,
+    "tkill": 200,
+    "tgkill": 234,
+    "kexec_load": 246,
+    "unshare": 272,
+    "perf_event_open": 298,
+    "setns": 308,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "finit_module": 313,
+    "kexec_file_load": 320,
+    "bpf": 321,
+    "execveat": 322,
+    "io_uring_setup": 425,
+    "clone3": 435,
 }
 _EPERM, _EACCES, _ENOSYS = 1, 13, 38
 _DENIED_SYSCALLS = (
-    "fork", "vfork", "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "tkill",
-    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "reboot", "kexec_load",
-    "kexec_file_load", "init_module", "finit_module", "delete_module", "bpf", "perf_event_open",
-    "swapon", "swapoff", "io_uring_setup",  # io_uring can open sockets/files behind seccomp's back
+    "fork",
+    "vfork",
+    "execve",
+    "execveat",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "tkill",
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "reboot",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "bpf",
+    "perf_event_open",
+    "swapon",
+    "swapoff",
+    "io_uring_setup",  # io_uring can open sockets/files behind seccomp's back
 )
 
 
@@ -421,10 +467,10 @@ def _interpret(data: bytes, token: str, exit_code: int, result: Any) -> dict[str
     if exit_code == _VIOLATION_EXIT:
         for line in lines:
             if line.startswith("!violation "):
-                return result(False, ERROR, f"sandbox violation: {line[len('!violation '):]}")
+                return result(False, ERROR, f"sandbox violation: {line[len('!violation ') :]}")
     for line in lines:
         if line.startswith("!setup "):
-            return result(False, ERROR, f"code process set-up failed: {line[len('!setup '):]}")
+            return result(False, ERROR, f"code process set-up failed: {line[len('!setup ') :]}")
     if exit_code < 0:
         try:
             name = signal.Signals(-exit_code).name
@@ -456,8 +502,17 @@ def start_launcher(in_private_netns: bool) -> bool:
     ours, theirs = socket.socketpair()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--launcher", str(theirs.fileno()),
-             str(os.getpid()), "netns" if in_private_netns else "shared-net"],
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                "-B",
+                os.path.abspath(__file__),
+                "--launcher",
+                str(theirs.fileno()),
+                str(os.getpid()),
+                "netns" if in_private_netns else "shared-net",
+            ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": os.getcwd(), "HOME": os.getcwd()},
@@ -560,31 +615,88 @@ def _launcher_main(fd: int, parent: int, in_private_netns: bool) -> None:
 # memory, interpreter test hooks that can read and write arbitrary memory.
 _DENIED_IMPORTS = frozenset(
     {
-        "_posixsubprocess", "_ctypes", "ctypes", "_socket", "socket", "_multiprocessing", "_posixshmem",
-        "mmap", "_ssl", "readline",
+        "_posixsubprocess",
+        "_ctypes",
+        "ctypes",
+        "_socket",
+        "socket",
+        "_multiprocessing",
+        "_posixshmem",
+        "mmap",
+        "_ssl",
+        "readline",
     }
 )
 _DENIED_IMPORT_PREFIXES = ("_test", "_xx", "_ctypes")
 _DENIED_EVENTS = frozenset(
     {
-        "os.fork", "os.forkpty", "os.exec", "os.spawn", "os.posix_spawn", "os.system", "os.startfile",
-        "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill",
-        "resource.setrlimit", "resource.prlimit", "sys.addaudithook", "sys._current_frames",
-        "sys._current_exceptions", "sys.settrace", "sys.setprofile", "sys._settraceallthreads",
-        "sys._setprofileallthreads", "os.symlink", "os.link", "builtins.breakpoint", "os.chroot",
+        "os.fork",
+        "os.forkpty",
+        "os.exec",
+        "os.spawn",
+        "os.posix_spawn",
+        "os.system",
+        "os.startfile",
+        "subprocess.Popen",
+        "pty.spawn",
+        "os.kill",
+        "os.killpg",
+        "signal.pthread_kill",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "sys.addaudithook",
+        "sys._current_frames",
+        "sys._current_exceptions",
+        "sys.settrace",
+        "sys.setprofile",
+        "sys._settraceallthreads",
+        "sys._setprofileallthreads",
+        "os.symlink",
+        "os.link",
+        "builtins.breakpoint",
+        "os.chroot",
     }
 )
 _DENIED_PREFIXES = (
-    "socket.", "ctypes.", "mmap.", "gc.", "sqlite3.", "sys.monitoring", "urllib.", "http.", "ftplib.",
-    "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.", "webbrowser.", "winreg.", "_winapi.",
+    "socket.",
+    "ctypes.",
+    "mmap.",
+    "gc.",
+    "sqlite3.",
+    "sys.monitoring",
+    "urllib.",
+    "http.",
+    "ftplib.",
+    "smtplib.",
+    "poplib.",
+    "imaplib.",
+    "nntplib.",
+    "telnetlib.",
+    "webbrowser.",
+    "winreg.",
+    "_winapi.",
 )
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
 _READ_EVENTS = frozenset({"os.listdir", "os.scandir"})
 _WRITE_EVENTS = frozenset(
     {
-        "os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.truncate", "os.chmod", "os.chown",
-        "os.utime", "os.chflags", "os.lchflags", "os.setxattr", "os.removexattr", "os.getxattr",
-        "os.listxattr", "os.mkfifo", "os.mknod", "os.chdir",
+        "os.remove",
+        "os.rmdir",
+        "os.mkdir",
+        "os.rename",
+        "os.truncate",
+        "os.chmod",
+        "os.chown",
+        "os.utime",
+        "os.chflags",
+        "os.lchflags",
+        "os.setxattr",
+        "os.removexattr",
+        "os.getxattr",
+        "os.listxattr",
+        "os.mkfifo",
+        "os.mknod",
+        "os.chdir",
     }
 )
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -602,8 +714,13 @@ def _make_audit_hook(scratch: str, read_roots: list[str], report_fd: int) -> Any
     import _stat
     import posix
 
-    write, exit_, fspath, lstat, stat, readlink, getcwd = (
-        posix.write, posix._exit, posix.fspath, posix.lstat, posix.stat, posix.readlink, posix.getcwd,
+    write, exit_, lstat, stat, readlink, getcwd = (
+        posix.write,
+        posix._exit,
+        posix.lstat,
+        posix.stat,
+        posix.readlink,
+        posix.getcwd,
     )
     is_link, is_dir = _stat.S_ISLNK, _stat.S_ISDIR
     type_, str_, bytes_, int_, tuple_, len_, bool_ = type, str, bytes, int, tuple, len, bool
@@ -624,7 +741,7 @@ def _make_audit_hook(scratch: str, read_roots: list[str], report_fd: int) -> Any
             exit_(violation_exit)
 
     def inside(path: str, roots: tuple[str, ...]) -> bool:
-        for root in roots:
+        for root in roots:  # noqa: SIM110 - no any(): builtins are names user code can rebind
             if path == root or path.startswith(root + "/"):
                 return True
         return False

@@ -76,6 +76,7 @@ _BOOTSTRAP = (
 # would count against RLIMIT_AS.
 _CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
+
 @dataclass(frozen=True)
 class ChildConfig:
     """Everything a child needs to set itself up (picklable; sent once per child start)."""
@@ -383,7 +384,7 @@ def _child_main(fd: int) -> None:
         try:
             _reply(conn, ("fatal", truncate(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, 500)))
         finally:
-            return
+            return  # noqa: B012 - the parent may be gone; a start-up failure must end this child quietly
     isolation = {k: state[k] for k in ("netns", "seccomp", "launcher")}
     _reply(conn, ("ready", os.getpid(), isolation))
     while True:
@@ -413,6 +414,7 @@ def _child_main(fd: int) -> None:
         if config.job_timeout_s:
             _set_cpu_backstop(config.job_timeout_s)
             code_exec.set_job_deadline(started + config.job_timeout_s)
+        assert fn is not None  # resolved above, or error is set and the job was answered
         outcome = verifiers.run_verifier(fn, completion, answer, config.success_threshold, config.max_detail_chars)
         if guard.violations:
             # Charged even when the verifier caught the PermissionError and returned a reward.
@@ -714,9 +716,7 @@ class VerifierSandbox:
                 child.deadline = child.sent_at + self.timeout_s
             # Replacement children still starting matter only while work is waiting for them; once
             # the last result is in, return and let them finish starting in the background.
-            active = [
-                i for i, c in enumerate(children) if c.state == "busy" or (pending and c.state == "starting")
-            ]
+            active = [i for i, c in enumerate(children) if c.state == "busy" or (pending and c.state == "starting")]
             if not active:
                 if pending:
                     continue
@@ -732,6 +732,7 @@ class VerifierSandbox:
                 child = children[i]
                 if not any(w in ready for w in child.waitables()):
                     if child.state == "busy" and now >= child.deadline:
+                        assert child.job is not None  # a busy child holds a job
                         results[child.job] = (
                             (0.0, False, GRADE_TIMEOUT, f"verifier timed out after {self.timeout_s:g}s (killed)"),
                             now - child.sent_at,
@@ -758,17 +759,19 @@ class VerifierSandbox:
                     else:
                         self._on_message(i, message)
                     continue
+                slot = child.job  # active and not starting: busy, so it holds a job
+                assert slot is not None
                 if message is not None:
-                    outcome = _parse_result(message, child.job)
+                    outcome = _parse_result(message, slot)
                     problem = "" if outcome is not None else _MALFORMED
                 if outcome is not None:
-                    results[child.job] = (outcome, now - child.sent_at)
+                    results[slot] = (outcome, now - child.sent_at)
                     child.state, child.job = "idle", None
                 else:
                     # Dead, or talking nonsense (so no longer trusted): the job is an error (or, for
                     # an oversized reply, invalid) either way.
                     detail = problem or child.exit_description()
-                    results[child.job] = ((0.0, False, status, detail), now - child.sent_at)
+                    results[slot] = ((0.0, False, status, detail), now - child.sent_at)
                     self._replace(i)
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:

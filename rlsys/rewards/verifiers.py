@@ -67,6 +67,7 @@ class GradeFailure(Exception):
         self.status = status
         self.detail = detail
 
+
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>[^\s{}$]+))")
 # A line "Answer: ...", optionally "Final answer", optionally in markdown bold/italics or a quote/heading.
 _ANSWER_LINE_RE = re.compile(

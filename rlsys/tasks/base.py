@@ -184,8 +184,7 @@ class Task(ABC):
                     answer=problem.answer,
                     verifier=self.verifier,
                     task=self.name,
-                    meta=(("split", split), ("seed", str(int(seed))), ("key", problem.key))
-                    + problem.meta,
+                    meta=(("split", split), ("seed", str(int(seed))), ("key", problem.key)) + problem.meta,
                 )
             )
         return rows

@@ -215,9 +215,7 @@ def parse_answer(answer: str) -> tuple[tuple[int, ...], int]:
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"countdown answer is not JSON ({exc}): {str(answer)[:80]!r}") from None
     if not isinstance(obj, dict) or set(obj) != {"numbers", "target"}:
-        raise ValueError(
-            f'countdown answer must be {{"numbers": [int, ...], "target": int}}, got {answer[:80]!r}'
-        )
+        raise ValueError(f'countdown answer must be {{"numbers": [int, ...], "target": int}}, got {answer[:80]!r}')
     numbers, target = obj["numbers"], obj["target"]
     ok_numbers = (
         isinstance(numbers, list)
@@ -402,9 +400,7 @@ class CountdownTask(Task):
         targets = sorted(
             v
             for v, sols in by_value.items()
-            if spec.target_low <= v <= spec.target_high
-            and v not in numbers
-            and len(sols) >= spec.min_solutions
+            if spec.target_low <= v <= spec.target_high and v not in numbers and len(sols) >= spec.min_solutions
         )
         if not targets:
             return None

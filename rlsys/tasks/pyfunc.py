@@ -16,8 +16,8 @@ the sandbox (fork, sockets, files outside its scratch dir, ...) or dies is grade
 counts it apart from wrong answers.
 
 Splits: ``train``/``test`` are ``a*x + b`` and ``±x*x + a*x + b`` with ``|a|, |b| <= 20`` (about
-5000 problems), split by a hash of the formula; ``ood`` is ``c*x*x + a*x + b`` with ``c`` in 2..5. This task is small on purpose:
-it exists to exercise the code-execution reward path end to end.
+5000 problems), split by a hash of the formula; ``ood`` is ``c*x*x + a*x + b`` with ``c`` in 2..5.
+This task is small on purpose: it exists to exercise the code-execution reward path end to end.
 """
 
 from __future__ import annotations

@@ -76,8 +76,7 @@ class SortSpec:
     def __post_init__(self) -> None:
         if not 1 <= self.min_len <= self.max_len <= _MAX_DIGITS:
             raise ValueError(
-                f"SortSpec needs 1 <= min_len <= max_len <= {_MAX_DIGITS}, got "
-                f"{self.min_len}..{self.max_len}"
+                f"SortSpec needs 1 <= min_len <= max_len <= {_MAX_DIGITS}, got {self.min_len}..{self.max_len}"
             )
 
 

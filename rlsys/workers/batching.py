@@ -24,10 +24,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from rlsys.choices import AGG_MODES
 from rlsys.records import TrainBatch
-
-# Same as rlsys.algo.losses.AGG_MODES, repeated so this module stays free of torch.
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 __all__ = [
     "AGG_MODES",
@@ -63,9 +61,9 @@ def loss_normalizer_for(agg: str, response_mask: np.ndarray) -> float:
 
 
 def build_train_batch(
-    prompt_token_ids: list[Sequence[int]],
-    response_token_ids: list[Sequence[int]],
-    response_logprobs: list[Sequence[float]],
+    prompt_token_ids: Sequence[Sequence[int] | np.ndarray],
+    response_token_ids: Sequence[Sequence[int] | np.ndarray],
+    response_logprobs: Sequence[Sequence[float] | np.ndarray],
     advantages: Sequence[float],
     pad_token_id: int,
     loss_normalizer: float,
@@ -100,11 +98,12 @@ def build_train_batch(
     lengths = []
     for i, (p, r, lp) in enumerate(zip(prompt_token_ids, response_token_ids, response_logprobs)):
         if len(p) == 0:
-            raise ValueError(f"build_train_batch: row {i} has an empty prompt; the first token's "
-                             "log-prob is undefined, so every row needs >= 1 prompt token")
+            raise ValueError(
+                f"build_train_batch: row {i} has an empty prompt; the first token's "
+                "log-prob is undefined, so every row needs >= 1 prompt token"
+            )
         if len(lp) != len(r):
-            raise ValueError(f"build_train_batch: row {i} has {len(r)} response tokens but "
-                             f"{len(lp)} rollout log-probs")
+            raise ValueError(f"build_train_batch: row {i} has {len(r)} response tokens but {len(lp)} rollout log-probs")
         lengths.append(len(p) + len(r))
     length = max(lengths)
     input_ids = np.full((n, length), pad_token_id, dtype=np.int64)
@@ -114,10 +113,10 @@ def build_train_batch(
     for i, (p, r, lp) in enumerate(zip(prompt_token_ids, response_token_ids, response_logprobs)):
         np_, nr = len(p), len(r)
         input_ids[i, :np_] = np.asarray(p, dtype=np.int64)
-        input_ids[i, np_:np_ + nr] = np.asarray(r, dtype=np.int64)
-        attention_mask[i, :np_ + nr] = True
-        response_mask[i, np_:np_ + nr] = True
-        rollout_logprobs[i, np_:np_ + nr] = np.asarray(lp, dtype=np.float32)
+        input_ids[i, np_ : np_ + nr] = np.asarray(r, dtype=np.int64)
+        attention_mask[i, : np_ + nr] = True
+        response_mask[i, np_ : np_ + nr] = True
+        rollout_logprobs[i, np_ : np_ + nr] = np.asarray(lp, dtype=np.float32)
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -128,7 +127,7 @@ def build_train_batch(
     )
 
 
-def take_rows(batch: TrainBatch, indices: Sequence[int], pad_token_id: int = 0) -> TrainBatch:
+def take_rows(batch: TrainBatch, indices: Sequence[int] | np.ndarray, pad_token_id: int = 0) -> TrainBatch:
     """Rows ``indices`` of ``batch`` (a copy); index -1 yields an inert dummy row.
 
     Dummy rows: ``input_ids`` = ``pad_token_id``, attention on column 0 only (never a fully
@@ -269,7 +268,7 @@ def concat_train_batches(batches: Sequence[TrainBatch], pad_token_id: int = 0) -
         raise ValueError(f"concat_train_batches: batches carry different loss_normalizers {sorted(norms)}")
     length = max(b.input_ids.shape[1] for b in batches)
 
-    def pad(a: np.ndarray, value) -> np.ndarray:
+    def pad(a: np.ndarray, value: float) -> np.ndarray:
         extra = length - a.shape[1]
         return a if extra == 0 else np.pad(a, ((0, 0), (0, extra)), constant_values=value)
 

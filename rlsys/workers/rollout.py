@@ -1,10 +1,14 @@
 """Rollout workers: each owns one vLLM engine and samples G completions per prompt.
 
-``RolloutEngine`` is a plain class (testable without Ray); ``RolloutWorker`` is its thin Ray actor;
-``RolloutPool`` is the driver-side handle that spreads prompts over the workers and joins the
-results back by prompt id. The pool survives worker deaths: a dead worker is replaced, brought to
-the latest pushed weights, and its in-flight prompts are re-issued with the same seeds (see
-:class:`RolloutPool`).
+``RolloutEngine`` is a plain class (testable without Ray); ``RolloutWorkerActor`` is its thin Ray
+actor; ``RolloutGroup`` (older name ``RolloutPool``) is the driver-side handle that spreads prompts
+over the workers and joins the results back by prompt id. The group survives worker deaths: a dead
+worker is replaced, brought to the latest pushed weights, and its in-flight prompts are re-issued
+with the same seeds (see :class:`RolloutGroup`).
+
+Naming: ``RolloutGroup`` here is the group of rollout *actors*; :class:`rlsys.records.RolloutGroup`
+is one prompt's group of G completions (the GRPO group). This module refers to the record as
+``records.RolloutGroup`` to keep the two apart.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
-from rlsys.records import Completion, RolloutGroup, RolloutRequest
-from rlsys.workers.supervision import (RestartBudget, RestartPolicy, is_actor_death, remove_files, same_node,
-                                       short_error)
+from rlsys import records
+from rlsys.records import Completion, RolloutRequest
+from rlsys.workers.group import ActorGroup, Labels, SupervisedGroup
+from rlsys.workers.supervision import RestartPolicy, remove_files, same_node, short_error
 
 log = logging.getLogger("rlsys.rollout")
 
@@ -40,6 +46,7 @@ class RolloutSpec:
     enforce_eager: bool = True
     seed: int = 0
     vllm_log_level: str = "WARNING"  # vLLM's own logger inside the worker (its INFO lines are per step)
+    trust_remote_code: bool = False  # model.trust_remote_code: run the checkpoint's own modelling code
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class _DropBenignReloadWarning(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
 
 
 # The vLLM module that logs the warning above. A filter on a logger sees the records created on that
@@ -108,6 +115,7 @@ class RolloutEngine:
             seed=spec.seed,
             enforce_eager=spec.enforce_eager,
             max_model_len=spec.max_model_len,
+            trust_remote_code=spec.trust_remote_code,
             worker_extension_cls="rlsys.workers.vllm_ext.WeightReloadExtension",
             distributed_executor_backend="uni",
             enable_prefix_caching=False,
@@ -124,11 +132,13 @@ class RolloutEngine:
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        log.info("rollout worker %d: vLLM engine up in %.1f s (%s)", worker_id, time.perf_counter() - t0,
-                 spec.model_path)
+        log.info(
+            "rollout worker %d: vLLM engine up in %.1f s (%s)", worker_id, time.perf_counter() - t0, spec.model_path
+        )
 
-    def generate(self, requests: list[RolloutRequest], group_size: int, seeds: list[int]) -> tuple[
-            list[RolloutGroup], GenerationStats]:
+    def generate(
+        self, requests: list[RolloutRequest], group_size: int, seeds: list[int]
+    ) -> tuple[list[records.RolloutGroup], GenerationStats]:
         """Sample ``group_size`` completions for each request.
 
         ``seeds[i]`` seeds request i's sampler, so a group is a function of (weights, prompt, seed):
@@ -141,8 +151,14 @@ class RolloutEngine:
         if not requests:
             return [], GenerationStats(0, 0.0, self.worker_id)
         params = [
-            SamplingParams(n=group_size, max_tokens=self.spec.max_tokens, temperature=self.spec.temperature,
-                           top_p=self.spec.top_p, logprobs=0, seed=seed)
+            SamplingParams(
+                n=group_size,
+                max_tokens=self.spec.max_tokens,
+                temperature=self.spec.temperature,
+                top_p=self.spec.top_p,
+                logprobs=0,
+                seed=seed,
+            )
             for seed in seeds
         ]
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
@@ -156,17 +172,31 @@ class RolloutEngine:
             for c in out.outputs:
                 ids = np.asarray(c.token_ids, dtype=np.int32)
                 # logprobs=0 returns exactly the sampled token's logprob at each position.
-                lps = np.asarray([next(iter(d.values())).logprob if len(d) == 1 else d[int(t)].logprob
-                                  for d, t in zip(c.logprobs, ids)], dtype=np.float32)
-                completions.append(Completion(token_ids=ids, logprobs=lps, text=c.text,
-                                              finish_reason=c.finish_reason or "length"))
+                lps = np.asarray(
+                    [
+                        next(iter(d.values())).logprob if len(d) == 1 else d[int(t)].logprob
+                        for d, t in zip(c.logprobs, ids)
+                    ],
+                    dtype=np.float32,
+                )
+                completions.append(
+                    Completion(token_ids=ids, logprobs=lps, text=c.text, finish_reason=c.finish_reason or "length")
+                )
                 num_tokens += len(ids)
             if len(completions) != group_size:
-                raise RuntimeError(f"rollout worker {self.worker_id}: vLLM returned {len(completions)} "
-                                   f"completions for prompt {req.prompt_id}, expected {group_size}")
-            groups.append(RolloutGroup(prompt_id=req.prompt_id, prompt_token_ids=req.prompt_token_ids,
-                                       completions=tuple(completions), weight_version=self.weight_version,
-                                       worker_id=self.worker_id))
+                raise RuntimeError(
+                    f"rollout worker {self.worker_id}: vLLM returned {len(completions)} "
+                    f"completions for prompt {req.prompt_id}, expected {group_size}"
+                )
+            groups.append(
+                records.RolloutGroup(
+                    prompt_id=req.prompt_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    completions=tuple(completions),
+                    weight_version=self.weight_version,
+                    worker_id=self.worker_id,
+                )
+            )
         return groups, GenerationStats(num_tokens, seconds, self.worker_id)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]], version: int) -> int:
@@ -264,7 +294,7 @@ class RolloutWorkerActor:
         if llm is not None:
             for uri in llm.collective_rpc(_distributed_init_method):
                 if uri.startswith("file://"):
-                    paths.add(uri[len("file://"):])
+                    paths.add(uri[len("file://") :])
         try:
             with open("/proc/self/maps") as f:
                 for line in f:
@@ -300,7 +330,7 @@ class RolloutWorkerActor:
         self.engine.shutdown()
 
 
-class RolloutPool:
+class RolloutGroup(SupervisedGroup):
     """Driver-side handle over ``num_workers`` rollout actors that survives worker deaths.
 
     Contract:
@@ -313,185 +343,110 @@ class RolloutPool:
       id, brought to the latest weights pushed through ``load_weight_buckets`` (a fresh engine
       starts from ``spec.model_path``), and only that worker's calls are re-issued, with the same
       per-prompt seeds: re-issued groups come from the same (weights, prompt, seed).
-    * Replacements are bounded: more than ``max_restarts`` per worker over the pool's life raises
-      RuntimeError naming the worker, the phase and the last error. A replacement that fails to
-      start counts as another failure of that worker. Errors raised *by* a call (bad input, a bug)
-      and calls overrunning ``timeout_s`` are not retried.
-    * To re-push weights the pool keeps the latest weight-bucket refs (one copy of the model in
+    * Replacements are bounded: more than ``max_restarts`` per worker over the group's life raises
+      :class:`~rlsys.workers.supervision.WorkerError` naming the worker, the phase and the last
+      error. A replacement that fails to start counts as another failure of that worker. Errors
+      raised *by* a call (bad input, a bug: WorkerError) and calls overrunning ``timeout_s``
+      (:class:`~rlsys.workers.supervision.WorkerTimeout`) are not retried.
+    * To re-push weights the group keeps the latest weight-bucket refs (one copy of the model in
       Ray's object store between syncs) until the next ``load_weight_buckets`` replaces them.
 
-    ``restarts`` counts replacements over the pool's life; ``GenerationStats.restarts`` the ones
-    during one generate call.
+    ``restarts`` counts replacements over the group's life; ``GenerationStats.restarts`` the ones
+    during one generate call. The supervision itself is :class:`rlsys.workers.group.ActorGroup`.
     """
 
-    def __init__(self, spec: RolloutSpec, num_workers: int, num_cpus: float, num_gpus: float = 0.0,
-                 timeout_s: float = 600.0, ready_timeout_s: float = 600.0, max_restarts: int = 3,
-                 restart_backoff_s: float = 0.5, num_threads: Optional[int] = None):
-        import ray
-
+    def __init__(
+        self,
+        spec: RolloutSpec,
+        num_workers: int,
+        num_cpus: float,
+        num_gpus: float = 0.0,
+        timeout_s: float = 600.0,
+        ready_timeout_s: float = 600.0,
+        max_restarts: int = 3,
+        restart_backoff_s: float = 0.5,
+        num_threads: int | None = None,
+        sync_timeout_s: float | None = None,
+    ):
         from rlsys.cluster import actor_options
 
         if num_workers < 1:
             raise ValueError(f"RolloutPool needs num_workers >= 1, got {num_workers}")
         self.spec = spec
         self.timeout_s = float(timeout_s)
+        # A weight push (``load_weight_buckets``, also into a replacement) has its own deadline
+        # (``sync.timeout_s``); None: ``timeout_s`` like every other call.
+        self.sync_timeout_s = self.timeout_s if sync_timeout_s is None else float(sync_timeout_s)
         self.ready_timeout_s = float(ready_timeout_s)
-        self._remote_cls = ray.remote(RolloutWorkerActor)
-        self._actor_options = actor_options(num_cpus, num_gpus, num_threads=num_threads)
-        self._budget = RestartBudget("rollout", num_workers,
-                                     RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff_s),
-                                     "rollout.max_restarts")
-        self._weights: Optional[tuple[list, int]] = None  # latest (bucket refs, version) pushed
+        self._weights: tuple[list, int] | None = None  # latest (bucket refs, version) pushed
         self._scratch: list[dict] = [{} for _ in range(num_workers)]
-        self.workers = [self._remote_cls.options(**self._actor_options).remote(spec, i) for i in range(num_workers)]
-        try:
-            ready = [w.ready.remote() for w in self.workers]
-            deadline = time.monotonic() + self.ready_timeout_s
-            for i, ref in enumerate(ready):
-                try:
-                    ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-                    self._scratch[i] = ray.get(self.workers[i].scratch_files.remote(), timeout=60)
-                except Exception as e:  # noqa: BLE001 - re-raised with the actor named
-                    raise RuntimeError(f"rollout worker {i} failed to start its vLLM engine from "
-                                       f"{spec.model_path}: {short_error(e)}") from e
-        except BaseException:
-            # Kill rather than shut down: a graceful shutdown would queue behind engines still starting.
-            for i in range(num_workers):
-                self._retire(i)
-            self.workers = []
-            raise
+        self._group = ActorGroup(
+            RolloutWorkerActor,
+            num_workers,
+            labels=_RolloutLabels(spec.model_path, self.timeout_s, lambda: self.weight_version),
+            init_args=lambda i: ((spec, i), {}),
+            options=actor_options(num_cpus, num_gpus, num_threads=num_threads),
+            ready_timeout_s=self.ready_timeout_s,
+            restart=RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff_s),
+            config_key="rollout.max_restarts",
+            on_start=self._on_start,
+            on_retire=self._on_retire,
+        )
+        self._group.start()
 
     @property
-    def num_workers(self) -> int:
-        return len(self.workers)
-
-    @property
-    def max_restarts(self) -> int:
-        return self._budget.policy.max_restarts
-
-    @property
-    def restarts(self) -> int:
-        """Worker replacements over the pool's life (cumulative, all workers)."""
-        return self._budget.total
-
-    @property
-    def restarts_by_worker(self) -> list[int]:
-        return list(self._budget.by_worker)
+    def workers(self) -> list[Any]:
+        """The live actor handles, by worker id (empty after ``shutdown``)."""
+        return self._group.actors
 
     @property
     def weight_version(self) -> int:
         """Version of the latest weights pushed through ``load_weight_buckets`` (0: the initial ones)."""
         return self._weights[1] if self._weights is not None else 0
 
-    # ---- supervision ------------------------------------------------------------------------------
+    # ---- supervision hooks ------------------------------------------------------------------------
 
-    def _retire(self, i: int) -> None:
-        """Kill worker i's actor for good and remove the files a killed engine leaves behind."""
-        import ray
-
-        try:
-            ray.kill(self.workers[i], no_restart=True)
-        except Exception as e:  # noqa: BLE001 - usually already dead; nothing else to do
-            log.debug("rollout worker %d: ray.kill: %s", i, e)
-        scratch, self._scratch[i] = self._scratch[i], {}
-        if scratch.get("paths") and same_node(scratch.get("node_id")):
-            # The process may take a moment to go after ray.kill; its files are unique to it
-            # (random names), so removing them now cannot hurt another engine.
-            removed = remove_files(scratch["paths"])
-            if removed:
-                log.info("rollout worker %d: removed %d file(s) left by the dead engine: %s", i, len(removed),
-                         ", ".join(removed))
-
-    def _start(self, i: int) -> Optional[int]:
-        """A fresh actor for worker i: engine up, scratch files recorded, latest weights loaded.
+    def _on_start(self, i: int, worker: Any) -> int | None:
+        """A fresh actor for worker i (engine up): record its scratch files, load the latest weights.
 
         Returns the number of tensors loaded (None when no weights were pushed yet: the engine's
         initial ``spec.model_path`` weights are version 0).
         """
         import ray
 
-        w = self._remote_cls.options(**self._actor_options).remote(self.spec, i)
-        self.workers[i] = w  # so that _retire reaches it if anything below fails
-        ray.get(w.ready.remote(), timeout=self.ready_timeout_s)
-        self._scratch[i] = ray.get(w.scratch_files.remote(), timeout=60)
+        self._scratch[i] = ray.get(worker.scratch_files.remote(), timeout=60)
         if self._weights is None:
             return None
         refs, version = self._weights
-        return ray.get(w.load_weight_buckets.remote(refs, version), timeout=self.timeout_s)
+        return ray.get(worker.load_weight_buckets.remote(refs, version), timeout=self.sync_timeout_s)
 
-    def _replace(self, i: int, phase: str, exc: BaseException) -> Optional[int]:
-        """Replace dead worker i (bounded by the restart budget; raises RuntimeError when spent).
+    def _on_retire(self, i: int) -> None:
+        """Worker i's actor was killed: remove the files a killed engine leaves behind."""
+        scratch, self._scratch[i] = self._scratch[i], {}
+        if scratch.get("paths") and same_node(scratch.get("node_id")):
+            # The process may take a moment to go after ray.kill; its files are unique to it
+            # (random names), so removing them now cannot hurt another engine.
+            removed = remove_files(scratch["paths"])
+            if removed:
+                log.info(
+                    "rollout worker %d: removed %d file(s) left by the dead engine: %s",
+                    i,
+                    len(removed),
+                    ", ".join(removed),
+                )
 
-        Returns what ``_start`` returned for the replacement that came up.
-        """
-        where = phase
-        while True:
-            attempt = self._budget.charge(i, where, exc)
-            t0 = time.perf_counter()
-            log.warning("phase %s: rollout worker %d died (%s); restart %d/%d", where, i, short_error(exc, 200),
-                        attempt, self.max_restarts)
-            self._retire(i)
-            self._budget.wait_before(attempt)
-            try:
-                loaded = self._start(i)
-            except Exception as e:  # noqa: BLE001 - a replacement that cannot start is another failure
-                exc, where = e, f"{phase}, restarting"
-                continue
-            log.warning("phase %s: rollout worker %d restarted in %.1f s at weight version %d", phase, i,
-                        time.perf_counter() - t0, self.weight_version)
-            return loaded
-
-    def _run(self, calls: dict[int, Callable[[Any], Any]], phase: str,
-             redo: bool = True) -> tuple[dict[int, Any], dict[int, int]]:
-        """Issue ``calls[i](worker_i)`` (each returns an ObjectRef) and wait for all of them.
-
-        Returns (result per worker, replacements per worker during this call). A call whose actor
-        died is re-issued on the replacement; with ``redo=False`` it is not, and its result is what
-        bringing the replacement up returned (the weight push: the replacement has just done it).
-        A call overrunning ``timeout_s`` raises TimeoutError and an error raised by the call itself
-        RuntimeError, both naming the worker; neither is retried.
-        """
-        import ray
-
-        pending: dict[Any, int] = {}
-        deadline: dict[int, float] = {}
-        restarts = {i: 0 for i in calls}
-        results: dict[int, Any] = {}
-
-        def issue(i: int) -> None:
-            pending[calls[i](self.workers[i])] = i
-            deadline[i] = time.monotonic() + self.timeout_s
-
-        for i in calls:
-            issue(i)
-        while pending:
-            wait_s = max(0.0, min(deadline[i] for i in pending.values()) - time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
-            if not ready:
-                late = sorted(i for i in pending.values() if deadline[i] <= time.monotonic())
-                if late:
-                    raise TimeoutError(f"phase {phase}: rollout worker(s) {late} did not answer within "
-                                       f"rollout.timeout_s={self.timeout_s:g} s")
-                continue
-            ref = ready[0]
-            i = pending.pop(ref)
-            try:
-                results[i] = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - classified below
-                if not is_actor_death(e):
-                    raise RuntimeError(f"phase {phase}: rollout worker {i} failed: {short_error(e, 2000)}") from e
-                loaded = self._replace(i, phase, e)
-                restarts[i] += 1
-                if redo:
-                    issue(i)
-                else:
-                    results[i] = loaded
-        return results, restarts
+    def _run(
+        self, calls: dict[int, Callable[[Any], Any]], phase: str, redo: bool = True, timeout_s: float | None = None
+    ) -> tuple[dict[int, Any], dict[int, int]]:
+        """``ActorGroup.call`` with ``timeout_s`` (default: the group's) per call (see there for
+        deaths, redo and errors)."""
+        return self._group.call(calls, phase, self.timeout_s if timeout_s is None else timeout_s, redo=redo)
 
     # ---- calls ------------------------------------------------------------------------------------
 
-    def generate(self, requests: list[RolloutRequest], group_size: int, seeds: dict[str, int]) -> tuple[
-            list[RolloutGroup], list[GenerationStats]]:
+    def generate(
+        self, requests: list[RolloutRequest], group_size: int, seeds: dict[str, int]
+    ) -> tuple[list[records.RolloutGroup], list[GenerationStats]]:
         """Spread requests over the workers; return one group per request, in request order.
 
         Results are joined by prompt id; a missing or duplicated group is an error, never a silent
@@ -514,15 +469,17 @@ class RolloutPool:
             return lambda w: w.generate.remote(shard, group_size, shard_seeds)
 
         results, restarts = self._run({i: call(shard) for i, shard in shards.items()}, "rollout")
-        by_id: dict[str, RolloutGroup] = {}
+        by_id: dict[str, records.RolloutGroup] = {}
         stats = []
         for i in sorted(results):
             groups, st = results[i]
             expected = {r.prompt_id for r in shards[i]}
             for g in groups:
                 if g.prompt_id not in expected:
-                    raise RuntimeError(f"phase rollout: worker {i} returned a group for prompt {g.prompt_id!r}, "
-                                       f"which it was not asked for")
+                    raise RuntimeError(
+                        f"phase rollout: worker {i} returned a group for prompt {g.prompt_id!r}, "
+                        f"which it was not asked for"
+                    )
                 if g.prompt_id in by_id:
                     raise RuntimeError(f"phase rollout: prompt {g.prompt_id} came back twice")
                 by_id[g.prompt_id] = g
@@ -543,14 +500,13 @@ class RolloutPool:
         # Recorded first: a worker replaced during this very push must come up with these weights.
         self._weights = (refs, version)
         calls = {i: (lambda w: w.load_weight_buckets.remote(refs, version)) for i in range(len(self.workers))}
-        results, _ = self._run(calls, f"sync (loading weights v{version})", redo=False)
+        results, _ = self._run(calls, f"sync (loading weights v{version})", redo=False, timeout_s=self.sync_timeout_s)
         return [results[i] for i in range(len(self.workers))]
 
-    def sequence_logprobs(self, token_ids: list[int], worker: Optional[int] = None) -> list[np.ndarray]:
+    def sequence_logprobs(self, token_ids: list[int], worker: int | None = None) -> list[np.ndarray]:
         """Probe logprobs from every worker (or one): one [L - 1] array per worker."""
         targets = range(len(self.workers)) if worker is None else [worker]
-        results, _ = self._run({i: (lambda w: w.sequence_logprobs.remote(token_ids)) for i in targets},
-                               "sync check")
+        results, _ = self._run({i: (lambda w: w.sequence_logprobs.remote(token_ids)) for i in targets}, "sync check")
         return [results[i] for i in targets]
 
     def describe(self) -> list[dict]:
@@ -564,17 +520,37 @@ class RolloutPool:
 
         When the job is being stopped by a signal (rlsys.signals) the engines are killed without
         the graceful call, which would queue behind a generate call still running."""
-        import ray
-
-        from rlsys.signals import stopping
-
-        graceful = not stopping()
-        for i, w in enumerate(self.workers):
-            if graceful:
-                try:
-                    ray.get(w.shutdown.remote(), timeout=60)
-                except Exception as e:  # noqa: BLE001 - best effort at teardown, logged
-                    log.warning("rollout worker %d shutdown failed: %s", i, short_error(e, 200))
-            self._retire(i)
-        self.workers = []
+        self._group.shutdown("shutdown", timeout_s=60.0)
         self._weights = None
+
+
+#: The older name of :class:`RolloutGroup` (same class).
+RolloutPool = RolloutGroup
+
+
+class _RolloutLabels(Labels):
+    """Messages as "phase rollout: rollout worker 1 died"; the restart line names the weight version."""
+
+    def __init__(self, model_path: str, timeout_s: float, weight_version: Callable[[], int]):
+        super().__init__("rollout", "rollout worker")
+        self.model_path = model_path
+        self.timeout_s = timeout_s
+        self.weight_version = weight_version
+
+    def workers(self, indices: Sequence[int]) -> str:
+        return f"rollout worker(s) {list(indices)}"
+
+    def timeout(self, indices: Sequence[int], what: str, deadline_s: float, hint: str = "") -> str:
+        if what == "starting":
+            return f"{self.workers(indices)} did not start a vLLM engine from {self.model_path} within {deadline_s:g} s"
+        key = "sync.timeout_s" if what.startswith("sync (loading") else "rollout.timeout_s"
+        return f"phase {what}: {self.workers(indices)} did not answer within {key}={deadline_s:g} s"
+
+    def start_failed(self, index: int, exc: BaseException) -> str:
+        return f"rollout worker {index} failed to start its vLLM engine from {self.model_path}: {short_error(exc)}"
+
+    def restarted(self, index: int, what: str, seconds: float) -> str:
+        return (
+            f"phase {what}: rollout worker {index} restarted in {seconds:.1f} s at weight version "
+            f"{self.weight_version()}"
+        )

@@ -1,10 +1,15 @@
-"""Worker supervision shared by the rollout and reward pools: which errors mean "the actor died",
-and how many times a worker may be replaced before the run gives up.
+"""Worker supervision policy shared by every actor group: which errors mean "the actor died", how
+many times a worker may be replaced before the run gives up, and the errors a group raises.
 
-A pool that sees an actor death replaces the actor and re-issues that actor's in-flight work (by
+A group that sees an actor death replaces the actor and re-issues that actor's in-flight work (by
 prompt id for rollouts, by (prompt_id, sample_index) for grades); :class:`RestartBudget` bounds the
 replacements per worker across the whole run, so a worker that keeps dying fails the run with an
-error naming the worker, the phase and the last exception instead of looping forever.
+error naming the worker, the phase and the last exception instead of looping forever. The loop that
+applies this policy is :class:`rlsys.workers.group.ActorGroup`. Importing this module imports no Ray.
+
+Errors: every failure of a group's worker is a :class:`WorkerError` (a RuntimeError) naming the
+group and the worker(s); a call that overruns its deadline is a :class:`WorkerTimeout` (also a
+TimeoutError) that carries the deadline too.
 """
 
 from __future__ import annotations
@@ -12,8 +17,47 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional
+
+
+class WorkerError(RuntimeError):
+    """A worker of an actor group failed (or died for good); the message names the phase and worker.
+
+    ``group`` is the group's name ("rollout", "reward", "learner"), ``workers`` the indices (ranks)
+    concerned, possibly empty when the error is about the group as a whole.
+    """
+
+    def __init__(self, message: str, *, group: str = "", workers: Sequence[int] = ()):
+        super().__init__(message)
+        self.group = group
+        self.workers = tuple(workers)
+
+    @property
+    def worker(self) -> int | None:
+        """The first worker concerned (None when the error names none)."""
+        return self.workers[0] if self.workers else None
+
+    def __reduce__(self):  # keyword-only fields: pickle (Ray, multiprocessing) would drop them
+        return (_rebuild_error, (type(self), str(self), dict(self.__dict__)))
+
+
+class WorkerTimeout(WorkerError, TimeoutError):
+    """A call to the worker(s) did not finish within ``deadline_s`` seconds (not retried).
+
+    Also a TimeoutError, so code that caught the rollout group's former TimeoutError still does.
+    """
+
+    def __init__(self, message: str, *, group: str = "", workers: Sequence[int] = (), deadline_s: float = 0.0):
+        super().__init__(message, group=group, workers=workers)
+        self.deadline_s = float(deadline_s)
+
+
+def _rebuild_error(cls: type, message: str, fields: dict) -> BaseException:
+    err = cls(message)  # every field has a default; the real values are restored next
+    err.__dict__.update(fields)
+    return err
+
 
 # Kept small and explicit: an error raised *by the task* (RayTaskError, also when it wraps one of
 # these, since Ray builds RayTaskError subclasses of the cause's type) is a bug or a bad input, and
@@ -57,7 +101,7 @@ def short_error(exc: BaseException, limit: int = 600) -> str:
     text = " ".join(_ANSI.sub("", str(exc)).split())
     if len(text) > limit:
         head = limit // 3
-        text = f"{text[:head]} [...] {text[-(limit - head):]}"
+        text = f"{text[:head]} [...] {text[-(limit - head) :]}"
     return f"{type(exc).__name__}: {text}"
 
 
@@ -92,13 +136,19 @@ class RestartBudget:
     """Per-worker restart counts against a :class:`RestartPolicy`.
 
     ``charge(worker, phase, exc)`` records one more restart of ``worker`` and returns its attempt
-    number, or raises RuntimeError (naming the pool, worker, phase, count and the last exception)
+    number, or raises :class:`WorkerError` (naming the pool, worker, phase, count and the last exception)
     when the worker has used up ``max_restarts``. ``total`` is the number of restarts charged.
     ``label(worker, phase)`` starts that error message (default ``"phase P: <pool> worker W died"``).
     """
 
-    def __init__(self, pool: str, num_workers: int, policy: RestartPolicy, config_key: str,
-                 label: Optional[Callable[[int, str], str]] = None):
+    def __init__(
+        self,
+        pool: str,
+        num_workers: int,
+        policy: RestartPolicy,
+        config_key: str,
+        label: Callable[[int, str], str] | None = None,
+    ):
         self.pool = pool
         self.policy = policy
         self.config_key = config_key
@@ -108,12 +158,14 @@ class RestartBudget:
 
     def charge(self, worker: int, phase: str, exc: BaseException) -> int:
         if self.by_worker[worker] >= self.policy.max_restarts:
-            raise RuntimeError(
+            raise WorkerError(
                 f"{self.label(worker, phase)} and has used up its restarts "
                 f"({self.by_worker[worker]} of {self.config_key}={self.policy.max_restarts} per worker per run). "
                 f"Last error: {short_error(exc)}. Check the worker's log under the Ray session dir "
                 f"(/tmp/ray/session_latest/logs) for the cause (out of memory? a crash at start-up?), "
-                f"or raise {self.config_key}"
+                f"or raise {self.config_key}",
+                group=self.pool,
+                workers=(worker,),
             ) from exc
         self.by_worker[worker] += 1
         self.total += 1
@@ -125,7 +177,7 @@ class RestartBudget:
             time.sleep(delay)
 
 
-def same_node(node_id: Optional[str]) -> bool:
+def same_node(node_id: str | None) -> bool:
     """True when ``node_id`` is the calling process's Ray node (so its files are ours to see)."""
     if not node_id:
         return False

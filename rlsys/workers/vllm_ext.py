@@ -9,13 +9,16 @@ processing layer by layer, so checkpoint-format tensors go in and kernel-format 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 
 class WeightReloadExtension:
     """Mixed into vLLM's worker; ``self`` is the worker (it has ``model_runner``)."""
+
+    model_runner: Any  # the vLLM worker's, once mixed in
 
     def rlsys_reload_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Load checkpoint-format (name, tensor) pairs; returns the names that were consumed.

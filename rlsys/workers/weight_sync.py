@@ -1,20 +1,21 @@
-"""Weight sync: learner weights -> every rollout engine, one interface, two transports.
+"""Weight sync: learner weights -> every rollout engine.
 
-CPU transport (tested here): the learner group streams (name, tensor) pairs (ZeRO-3 gathers one
+The one transport today (CPU and GPU alike): the learner group streams (name, tensor) pairs (ZeRO-3 gathers one
 layer at a time), rank 0 packs them into buckets of ~``bucket_bytes`` and ``ray.put``s each one;
 bf16 tensors travel as int16 numpy views, which Ray's object store hands back zero-copy. Each
 rollout worker pulls the buckets lazily inside one ``reload_weights`` call, so one bucket at a
-time is resident on the rollout side. Measured on the stack note's 102M model: 0.3-1.0 s, against
-1.6-4.4 s for pickled torch tensors.
+time is resident on the rollout side. Measurements (against pickled torch tensors):
+docs/lab-notes.md#weight_sync.
 
-GPU transport: vLLM's native weight-transfer API (NCCL) is the right path on GPU clusters; it is
-selected by ``transport="nccl"`` and shares this module's record types and version bookkeeping.
+There is no GPU-native (NCCL) transport yet: on GPU clusters the same object-store path runs.
+A device-to-device transport is the weight-transfer issue's work; it should reuse this module's
+bucket record and version bookkeeping.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch

@@ -33,12 +33,20 @@ def digit_data(tmp_path: Path) -> list[str]:
 
 
 def run_cli(module: str, tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", module, f"run.output_dir={tmp_path / 'run'}",
-           f"hydra.run.dir={tmp_path / 'hydra' / module}", *SMALL, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        f"run.output_dir={tmp_path / 'run'}",
+        f"hydra.run.dir={tmp_path / 'hydra' / module}",
+        *SMALL,
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
 
 
 def test_eval_and_difficulty_cli(tmp_path):
@@ -58,7 +66,7 @@ def test_eval_and_difficulty_cli(tmp_path):
     assert r["num_problems"] == NUM_PROMPTS and len(r["problems"]) == NUM_PROMPTS
     n = np.array([p["n"] for p in r["problems"]])
     c = np.array([p["c"] for p in r["problems"]])
-    assert (n == 16).all() and ((0 <= c) & (c <= n)).all()
+    assert (n == 16).all() and ((c >= 0) & (c <= n)).all()
     vals = [r["pass_at_k"][str(k)] for k in r["ks"]]
     assert all(0.0 <= v <= 1.0 for v in vals)
     assert vals == sorted(vals), f"pass@k must not decrease in k: {vals}"
@@ -71,14 +79,21 @@ def test_eval_and_difficulty_cli(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [int(x["k"]) for x in rows] == [1, 4, 16]
     assert [float(x["pass_at_k"]) for x in rows] == pytest.approx(vals, abs=1e-6)
-    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["eval/pass@16"] == pytest.approx(vals[-1])
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
     assert "pass@k" in res.stdout and str(js) in res.stdout  # the table and the paths are printed
 
     # ---- difficulty -------------------------------------------------------------------------------
-    res = run_cli("rlsys.difficulty", tmp_path, *data, "difficulty.k=8", "difficulty.fraction=0.5",
-                  "difficulty.select=hardest", "logger=disabled")
+    res = run_cli(
+        "rlsys.difficulty",
+        tmp_path,
+        *data,
+        "difficulty.k=8",
+        "difficulty.fraction=0.5",
+        "difficulty.select=hardest",
+        "logger=disabled",
+    )
     assert res.returncode == 0, res.stdout[-6000:]
     dd = tmp_path / "run" / "difficulty"
     from rlsys.data import load_rows
@@ -87,7 +102,7 @@ def test_eval_and_difficulty_cli(tmp_path):
     selected, _ = load_rows(dd / "selected.jsonl", id_key="prompt_id")
     assert len(annotated) == NUM_PROMPTS
     assert len(selected) == num_to_select(NUM_PROMPTS, 0.5) == 3
-    recs = [json.loads(line) for line in open(dd / "annotated.jsonl")]
+    recs = [json.loads(line) for line in (dd / "annotated.jsonl").read_text().splitlines()]
     assert all(x["num_samples"] == 8 and x["pass_rate"] == pytest.approx(x["num_correct"] / 8) for x in recs)
     rate = {x["prompt_id"]: x["pass_rate"] for x in recs}
     sel_rates = [rate[row.prompt_id] for row in selected]

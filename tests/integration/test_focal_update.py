@@ -38,8 +38,14 @@ def _batch(rewards: torch.Tensor, gamma: float):
     adv, _ = algo.group_advantages(rewards, gamma=gamma)
     prompts = [list(rng.integers(3, 1000, 6)) for _ in range(b) for _ in range(g)]
     responses = [list(rng.integers(3, 1000, 5)) for _ in range(b * g)]
-    batch = build_train_batch(prompts, responses, [np.zeros(5, np.float32)] * (b * g), adv.reshape(-1).tolist(),
-                              pad_token_id=0, loss_normalizer=1.0)
+    batch = build_train_batch(
+        prompts,
+        responses,
+        [np.zeros(5, np.float32)] * (b * g),
+        adv.reshape(-1).tolist(),
+        pad_token_id=0,
+        loss_normalizer=1.0,
+    )
     return dataclasses.replace(batch, loss_normalizer=loss_normalizer_for("token_mean", batch.response_mask))
 
 
@@ -52,13 +58,25 @@ def _update(batch) -> dict[str, np.ndarray]:
     from rlsys.workers.learner import LearnerGroup, LearnerSpec
     from rlsys.workers.weight_sync import unpack_bucket
 
-    spec = LearnerSpec(model_path=str(ensure_tiny_model("tiny", 0)), zero_stage=2, dtype="float32", lr=10.0,
-                       eps=1e4, weight_decay=0.0, grad_clip=0.0, micro_batch_size=4)
+    spec = LearnerSpec(
+        model_path=str(ensure_tiny_model("tiny", 0)),
+        zero_stage=2,
+        dtype="float32",
+        lr=10.0,
+        eps=1e4,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        micro_batch_size=4,
+    )
     group = LearnerGroup(spec, 1, actor_options=actor_options(1))
     try:
+
         def weights():
-            return {n: t.float().numpy().copy() for ref in group.export_weight_buckets(1 << 30)
-                    for n, t in unpack_bucket(ray.get(ref))}
+            return {
+                n: t.float().numpy().copy()
+                for ref in group.export_weight_buckets(1 << 30)
+                for n, t in unpack_bucket(ray.get(ref))
+            }
 
         before = weights()
         group.train_step(group.shard(batch))

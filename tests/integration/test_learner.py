@@ -63,10 +63,25 @@ def _global_batch():
 def _spec(model_path: str, zero: int, mbs: int, gc: bool, chunk: int):
     from rlsys.workers.learner import LearnerSpec
 
-    return LearnerSpec(model_path=model_path, zero_stage=zero, dtype="float32", lr=LR, eps=EPS, betas=BETAS,
-                       weight_decay=0.0, grad_clip=0.0, warmup_steps=WARMUP, micro_batch_size=mbs,
-                       loss_type="grpo", agg="token_mean", kl_coef=KL_COEF, entropy_coef=ENTROPY_COEF, seed=0,
-                       gradient_checkpointing=gc, logprob_chunk_tokens=chunk)
+    return LearnerSpec(
+        model_path=model_path,
+        zero_stage=zero,
+        dtype="float32",
+        lr=LR,
+        eps=EPS,
+        betas=BETAS,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        warmup_steps=WARMUP,
+        micro_batch_size=mbs,
+        loss_type="grpo",
+        agg="token_mean",
+        kl_coef=KL_COEF,
+        entropy_coef=ENTROPY_COEF,
+        seed=0,
+        gradient_checkpointing=gc,
+        logprob_chunk_tokens=chunk,
+    )
 
 
 def _exported(group, bucket_bytes: int = 1 << 20) -> tuple[dict[str, torch.Tensor], int]:
@@ -107,9 +122,19 @@ def reference(model_path):
     logp_all = torch.log_softmax(logits[:, :-1], dim=-1)
     lp = torch.nn.functional.pad(logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0)) * mask
     entropy = torch.nn.functional.pad(-(logp_all.exp() * logp_all).sum(-1), (1, 0)) * mask
-    loss, metrics = policy_loss(lp, lp.detach(), torch.from_numpy(batch.advantages), mask, loss_type="grpo",
-                                ref_logprobs=lp.detach(), kl_coef=KL_COEF, entropy=entropy,
-                                entropy_coef=ENTROPY_COEF, agg="token_mean", normalizer=batch.loss_normalizer)
+    loss, metrics = policy_loss(
+        lp,
+        lp.detach(),
+        torch.from_numpy(batch.advantages),
+        mask,
+        loss_type="grpo",
+        ref_logprobs=lp.detach(),
+        kl_coef=KL_COEF,
+        entropy=entropy,
+        entropy_coef=ENTROPY_COEF,
+        agg="token_mean",
+        normalizer=batch.loss_normalizer,
+    )
     loss.backward()
     params = dict(model.named_parameters())  # tied lm_head.weight appears once (as the embedding)
     grads = {n: p.grad.detach().clone() for n, p in params.items()}
@@ -160,8 +185,12 @@ def runs(ray_cluster, model_path, reference, tmp_path_factory):
     out: dict[str, dict] = {}
     for name, (world, zero, mbs, gc, chunk) in CONFIGS.items():
         t0 = time.perf_counter()
-        group = LearnerGroup(_spec(model_path, zero, mbs, gc, chunk), world, actor_options(1),
-                             init_dir=str(tmp_path_factory.mktemp(f"init-{name}")))
+        group = LearnerGroup(
+            _spec(model_path, zero, mbs, gc, chunk),
+            world,
+            actor_options(1),
+            init_dir=str(tmp_path_factory.mktemp(f"init-{name}")),
+        )
         r: dict = {"start_seconds": time.perf_counter() - t0}
         try:
             if name == "z3x2":
@@ -185,8 +214,10 @@ def runs(ray_cluster, model_path, reference, tmp_path_factory):
                 # A non-finite loss first: the step must be skipped without a trace, so the real
                 # step below still matches the reference exactly (grads zeroed, Adam state and LR
                 # schedule untouched).
-                bad = replace(batch, advantages=np.where(np.arange(batch.num_rows) == 0, np.nan,
-                                                         batch.advantages).astype(np.float32))
+                bad = replace(
+                    batch,
+                    advantages=np.where(np.arange(batch.num_rows) == 0, np.nan, batch.advantages).astype(np.float32),
+                )
                 r["before_bad"], _ = _exported(group)
                 r["bad_stats"] = group.train_step(group.shard(bad))
                 r["after_bad"], _ = _exported(group)
@@ -271,7 +302,7 @@ def test_zero3_export_covers_every_hf_parameter(runs, reference, model_path) -> 
 
     r = runs["z3x2"]
     with safe_open(f"{model_path}/model.safetensors", framework="pt") as f:
-        ckpt = {k: f.get_tensor(k) for k in f.keys()}
+        ckpt = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     assert r["buckets"] > 1  # 1 MiB buckets for a 16 MiB model: several
     for weights in (r["before"], r["after"]):
         assert set(weights) == reference["names"] == set(ckpt) | {"lm_head.weight"}
@@ -339,8 +370,10 @@ def test_save_hf_loads_in_transformers_and_matches(runs, reference) -> None:
 
 def test_report_timings(runs) -> None:
     for name, r in runs.items():
-        print(f"{name}: start {r['start_seconds']:.1f}s, first step {r['stats'].seconds:.3f}s, "
-              f"later steps {', '.join(f'{t:.3f}' for t in r['step_seconds'])}s")
+        print(
+            f"{name}: start {r['start_seconds']:.1f}s, first step {r['stats'].seconds:.3f}s, "
+            f"later steps {', '.join(f'{t:.3f}' for t in r['step_seconds'])}s"
+        )
 
 
 def test_uneven_shards_fail_fast_on_every_rank(runs) -> None:

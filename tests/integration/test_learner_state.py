@@ -38,8 +38,7 @@ CONFIGS = {  # name: (world_size, zero_stage, dtype); z3x2 first: its state serv
     "z3x2": (2, 3, "float32"),
     "z2x1": (1, 2, "bfloat16"),
 }
-TIMING_KEYS = ("seconds",)
-TIMING_EXTRA_KEYS = ("old_logprob_seconds",)
+TIMING_KEYS = ("seconds", "old_logprob_seconds")  # TrainStats fields measured from the clock
 
 
 def _batch(seed: int):
@@ -50,16 +49,27 @@ def _batch(seed: int):
     prompts = [rng.integers(3, 1000, size=n).tolist() for n in prompt_lens]
     responses = [rng.integers(3, 1000, size=n).tolist() for n in response_lens]
     rollout_lps = [(-rng.random(n) * 5).tolist() for n in response_lens]
-    b = build_train_batch(prompts, responses, rollout_lps, rng.normal(size=4).tolist(), pad_token_id=0,
-                          loss_normalizer=1.0)
+    b = build_train_batch(
+        prompts, responses, rollout_lps, rng.normal(size=4).tolist(), pad_token_id=0, loss_normalizer=1.0
+    )
     return replace(b, loss_normalizer=loss_normalizer_for("token_mean", b.response_mask))
 
 
 def _spec(model_path: str, zero: int, dtype: str):
     from rlsys.workers.learner import LearnerSpec
 
-    return LearnerSpec(model_path=model_path, zero_stage=zero, dtype=dtype, lr=LR, warmup_steps=WARMUP,
-                       weight_decay=0.01, grad_clip=1.0, micro_batch_size=2, entropy_coef=0.01, seed=0)
+    return LearnerSpec(
+        model_path=model_path,
+        zero_stage=zero,
+        dtype=dtype,
+        lr=LR,
+        warmup_steps=WARMUP,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        micro_batch_size=2,
+        entropy_coef=0.01,
+        seed=0,
+    )
 
 
 def _exported(group) -> dict[str, torch.Tensor]:
@@ -78,8 +88,6 @@ def _stats(s) -> dict:
     d = asdict(s)
     for k in TIMING_KEYS:
         d.pop(k)
-    for k in TIMING_EXTRA_KEYS:
-        d["extra"].pop(k)
     return d
 
 
@@ -251,7 +259,7 @@ def test_state_files_are_safetensors_and_json_only(runs, name: str) -> None:
             json.loads(p.read_text())
         else:
             with safe_open(str(p), framework="pt") as f:
-                assert "rng.torch" in f.keys() and "master.0" in f.keys()
+                assert {"rng.torch", "master.0"} <= set(f.keys())  # a safetensors handle, not a dict
     manifest = read_learner_state_manifest(str(state))
     assert (manifest["world_size"], manifest["zero_stage"], manifest["dtype"]) == (world, zero, dtype)
     assert manifest["applied_steps"] == 2
@@ -290,8 +298,9 @@ def test_manifest_reader_rejects_incomplete_directories(tmp_path) -> None:
 
     with pytest.raises(LearnerStateError, match="not a complete learner state"):
         read_learner_state_manifest(str(tmp_path))
-    (tmp_path / "learner_state.json").write_text(json.dumps({"format": "rlsys-learner-state", "version": 1,
-                                                             "files": {"rank0.safetensors": 10}}))
+    (tmp_path / "learner_state.json").write_text(
+        json.dumps({"format": "rlsys-learner-state", "version": 1, "files": {"rank0.safetensors": 10}})
+    )
     with pytest.raises(LearnerStateError, match="rank0.safetensors is listed in the manifest but missing"):
         read_learner_state_manifest(str(tmp_path))
 
@@ -299,5 +308,7 @@ def test_manifest_reader_rejects_incomplete_directories(tmp_path) -> None:
 def test_report_timings(runs) -> None:
     for name, r in runs.items():
         size = sum(p.stat().st_size for p in (r["root"] / "state").iterdir())
-        print(f"{name}: group start {r['start_seconds']:.1f}s, save_state {r['save_seconds']:.3f}s, "
-              f"load_state {r['load_seconds']:.3f}s, state {size / 2**20:.1f} MiB")
+        print(
+            f"{name}: group start {r['start_seconds']:.1f}s, save_state {r['save_seconds']:.3f}s, "
+            f"load_state {r['load_seconds']:.3f}s, state {size / 2**20:.1f} MiB"
+        )

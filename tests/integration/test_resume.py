@@ -30,12 +30,29 @@ def _cmd(tmp_path: Path, out: Path, *extra: str) -> list[str]:
     data = tmp_path / "prompts.jsonl"
     if not data.exists():
         data.write_text("".join(json.dumps({"prompt": f"Write {i}.", "answer": str(i)}) + "\n" for i in range(32)))
-    return [sys.executable, "-m", "rlsys.train", f"run.output_dir={out}", f"hydra.run.dir={out}/hydra",
-            "trainer.total_steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=3",
-            "trainer.prompts_per_step=4", "algo.group_size=4", "rollout.max_tokens=12", "learner.micro_batch_size=4",
-            "learner.lr=1e-3", "trainer.eval_at_start_end=false", "logger.wandb_mode=disabled", "cluster.num_cpus=4",
-            "data=file", f"data.path={data}", f"data.verifier={DIGIT}", f"reward.allowed_functions=[{DIGIT}]",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "rlsys.train",
+        f"run.output_dir={out}",
+        f"hydra.run.dir={out}/hydra",
+        "trainer.total_steps=4",
+        "trainer.save_every=2",
+        "trainer.keep_checkpoints=3",
+        "trainer.prompts_per_step=4",
+        "algo.group_size=4",
+        "rollout.max_tokens=12",
+        "learner.micro_batch_size=4",
+        "learner.lr=1e-3",
+        "trainer.eval_at_start_end=false",
+        "logger.wandb_mode=disabled",
+        "cluster.num_cpus=4",
+        "data=file",
+        f"data.path={data}",
+        f"data.verifier={DIGIT}",
+        f"reward.allowed_functions=[{DIGIT}]",
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -45,7 +62,7 @@ def _env() -> dict:
 
 
 def _rows(out: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in rows}
     assert len(by_step) == len(rows), "a step appears twice in metrics.jsonl"
     return {s: {k: v for k, v in r.items() if not k.startswith(WALL_CLOCK)} for s, r in by_step.items()}
@@ -57,8 +74,14 @@ def test_sigkill_after_step_2_then_resume_matches_a_straight_run(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(tmp_path, killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(tmp_path, killed),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 900
     while not (killed / "checkpoints" / "step_000002").exists():
         assert proc.poll() is None, "the run ended before its step-2 checkpoint"
@@ -67,8 +90,9 @@ def test_sigkill_after_step_2_then_resume_matches_a_straight_run(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session, mid-run
     proc.wait(timeout=60)
 
-    res = subprocess.run(_cmd(tmp_path, killed, "run.resume=auto"), cwd=ROOT, env=_env(), capture_output=True,
-                         text=True, timeout=900)
+    res = subprocess.run(
+        _cmd(tmp_path, killed, "run.resume=auto"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "resuming from" in res.stdout + res.stderr
 
@@ -106,8 +130,15 @@ def _learner_pids() -> list[int]:
 
 def test_a_dead_learner_stops_the_run_naming_the_checkpoint_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(tmp_path, out, "trainer.save_every=1"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(tmp_path, out, "trainer.save_every=1"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 900
     while not (out / "checkpoints" / "step_000002").exists():
         assert proc.poll() is None, "the run ended before its step-2 checkpoint"
@@ -123,7 +154,13 @@ def test_a_dead_learner_stops_the_run_naming_the_checkpoint_and_the_run_resumes(
     assert "learner rank 0" in stdout and "Last good checkpoint" in stdout, stdout[-4000:]
     assert "run.resume=auto" in stdout
 
-    res = subprocess.run(_cmd(tmp_path, out, "trainer.save_every=1", "run.resume=auto"), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        _cmd(tmp_path, out, "trainer.save_every=1", "run.resume=auto"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert sorted(_rows(out)) == [1, 2, 3, 4]

@@ -52,18 +52,52 @@ def _code(body: str) -> str:
 # ``{port}`` in a completion is replaced by the port of a listener the test watches.
 SUITE: dict[str, tuple[int, str, str, str, str, bool]] = {
     "math: power tower": (5, r"\boxed{9^{9^{9^{9}}}}", "1", "math", GRADE_TIMEOUT, True),
-    "math: \\frac nested 500 deep": (60, "\\boxed{" + "\\frac{1}{" * 500 + "2" + "}" * 500 + "}", "1", "math", GRADE_INVALID, False),
+    "math: \\frac nested 500 deep": (
+        60,
+        "\\boxed{" + "\\frac{1}{" * 500 + "2" + "}" * 500 + "}",
+        "1",
+        "math",
+        GRADE_INVALID,
+        False,
+    ),
     "5 MB completion": (60, FIVE_MB, "1", "math", GRADE_INVALID, False),
     "5 MB gold answer": (20, "Answer: 1", FIVE_MB, "exact", GRADE_INVALID, False),
     "code: while True: pass": (10, _code("while True:\n    pass"), ROW.answer, pyfunc.VERIFIER, GRADE_TIMEOUT, False),
-    "code: fork bomb": (60, _code("import os\nwhile True:\n    os.fork()"), ROW.answer, pyfunc.VERIFIER, GRADE_ERROR, False),
+    "code: fork bomb": (
+        60,
+        _code("import os\nwhile True:\n    os.fork()"),
+        ROW.answer,
+        pyfunc.VERIFIER,
+        GRADE_ERROR,
+        False,
+    ),
     "code: os._exit(3)": (60, _code("import os\nos._exit(3)"), ROW.answer, pyfunc.VERIFIER, GRADE_ERROR, False),
-    "code: socket": (50, _code("import socket\nsocket.create_connection(('127.0.0.1', {port}))"), ROW.answer, pyfunc.VERIFIER, GRADE_ERROR, False),
-    "code: /etc/passwd": (50, _code("def f(x):\n    return len(open('/etc/passwd').read())"), ROW.answer, pyfunc.VERIFIER, GRADE_ERROR, False),
+    "code: socket": (
+        50,
+        _code("import socket\nsocket.create_connection(('127.0.0.1', {port}))"),
+        ROW.answer,
+        pyfunc.VERIFIER,
+        GRADE_ERROR,
+        False,
+    ),
+    "code: /etc/passwd": (
+        50,
+        _code("def f(x):\n    return len(open('/etc/passwd').read())"),
+        ROW.answer,
+        pyfunc.VERIFIER,
+        GRADE_ERROR,
+        False,
+    ),
     "code: report flood": (
         20,
-        _code("import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'x' * 100000)\n    except OSError:\n        pass"),
-        ROW.answer, pyfunc.VERIFIER, GRADE_INVALID, False,
+        _code(
+            "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'x' * 100000)\n"
+            "    except OSError:\n        pass"
+        ),
+        ROW.answer,
+        pyfunc.VERIFIER,
+        GRADE_INVALID,
+        False,
     ),
     "fn: raises": (100, "1", "1", _fn("raises"), GRADE_ERROR, False),
     "fn: sys.exit": (30, "1", "1", _fn("calls_sys_exit"), GRADE_ERROR, False),
@@ -143,7 +177,9 @@ def our_processes(since: float) -> list[str]:
         cmd = " ".join(proc.info["cmdline"] or [])
         if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["create_time"] < since - 1:
             continue
-        if ("_child_main" in cmd and PACKAGE_ROOT in cmd) or os.path.join(PACKAGE_ROOT, "rlsys", "rewards", "code_exec.py") in cmd:
+        if ("_child_main" in cmd and PACKAGE_ROOT in cmd) or os.path.join(
+            PACKAGE_ROOT, "rlsys", "rewards", "code_exec.py"
+        ) in cmd:
             found.append(f"{proc.pid}: {cmd[:120]}")
     return found
 
@@ -175,7 +211,9 @@ def test_1000_adversarial_samples_through_a_grader(listener: socket.socket) -> N
 
     since = time.time()
     requests, kinds = build_suite(listener.getsockname()[1])
-    grader = RewardGrader(num_procs=PROCS, timeout_s=TIMEOUT_S, allowed_functions=[f"{REWARD_FNS}:*"], memory_limit_mb=1024)
+    grader = RewardGrader(
+        num_procs=PROCS, timeout_s=TIMEOUT_S, allowed_functions=[f"{REWARD_FNS}:*"], memory_limit_mb=1024
+    )
     scratch = [c["scratch"] for c in grader.isolation()]
     try:
         before = grader.counters()
@@ -220,7 +258,7 @@ def ray_cluster() -> Iterator[None]:
 def test_1000_adversarial_samples_through_a_pool(ray_cluster: None, listener: socket.socket) -> None:
     import ray
 
-    from rlsys.rewards import RewardPool
+    from rlsys.workers.reward import RewardPool
 
     since = time.time()
     requests, kinds = build_suite(listener.getsockname()[1])
@@ -239,7 +277,10 @@ def test_1000_adversarial_samples_through_a_pool(ray_cluster: None, listener: so
         grades = pool.grade(requests)
         elapsed = time.monotonic() - start
         bound = time_bound(2 * PROCS) + MARGIN_S  # the chunks are unequal in cost: one more margin
-        print(f"\nadversarial suite, RewardPool 2 workers x{PROCS} procs: {N} samples in {elapsed:.1f}s (bound {bound:.0f}s)")
+        print(
+            f"\nadversarial suite, RewardPool 2 workers x{PROCS} procs: {N} samples in {elapsed:.1f}s "
+            f"(bound {bound:.0f}s)"
+        )
         counts = check_grades(requests, kinds, grades)
         assert counts == expected_counts()
         counters = pool.counters()

@@ -32,7 +32,7 @@ def ray_cluster() -> Iterator[None]:
 
 
 def test_reward_pool_grades_a_mixed_batch(ray_cluster: None) -> None:
-    from rlsys.rewards import RewardPool
+    from rlsys.workers.reward import RewardPool
 
     pool = RewardPool(
         num_workers=2,
@@ -85,7 +85,7 @@ def test_reward_pool_grades_a_mixed_batch(ray_cluster: None) -> None:
 def test_reward_pool_names_a_dead_actor(ray_cluster: None) -> None:
     import ray
 
-    from rlsys.rewards import RewardPool
+    from rlsys.workers.reward import RewardPool
 
     pool = RewardPool(num_workers=2, timeout_s=TIMEOUT_S, num_cpus=0.5, max_restarts=0)
     try:

@@ -46,7 +46,7 @@ def _sft_batch(model_path: str, n: int = 6):
     """A countdown SFT batch exactly as rlsys.sft builds it."""
     from transformers import AutoTokenizer
 
-    from rlsys.driver import encode_prompt
+    from rlsys.data import encode_prompt
     from rlsys.sft import SFTBatches, _nll_batch
     from rlsys.tasks import get_task
 
@@ -68,14 +68,21 @@ def test_nll_step_has_the_nll_gradient(ray_cluster, model_path, tmp_path):
     ids = torch.from_numpy(batch.input_ids)
     mask = torch.from_numpy(batch.response_mask)
     logits = model(input_ids=ids, attention_mask=torch.from_numpy(batch.attention_mask)).logits.float()
-    lp = torch.nn.functional.pad(torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1),
-                                 (1, 0))
+    lp = torch.nn.functional.pad(torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
     nll = -(lp * mask).sum() / mask.sum()
     nll.backward()
     ref_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
 
-    spec = LearnerSpec(model_path=model_path, zero_stage=2, dtype="float32", lr=1e-3, grad_clip=0.0,
-                       micro_batch_size=4, loss_type="grpo", agg="token_mean")  # 6 rows: 2 micro-batches
+    spec = LearnerSpec(
+        model_path=model_path,
+        zero_stage=2,
+        dtype="float32",
+        lr=1e-3,
+        grad_clip=0.0,
+        micro_batch_size=4,
+        loss_type="grpo",
+        agg="token_mean",
+    )  # 6 rows: 2 micro-batches
     group = LearnerGroup(spec, 1, actor_options(1), init_dir=str(tmp_path))
     try:
         st = group.train_step(group.shard(batch, 0))

@@ -35,10 +35,21 @@ ROOT = Path(__file__).resolve().parents[2]
 STOP_LIMIT_S = 10.0  # the issue's bound: signal -> process gone
 HANG = "tests.integration.reward_fns:hang_on_marker"
 
-RL = ["sft.enabled=false", "trainer.total_steps=3", "trainer.prompts_per_step=8", "algo.group_size=4",
-      "rollout.max_tokens=32", "learner.micro_batch_size=32", "logger.wandb_mode=disabled",
-      "trainer.eval_at_start_end=false", "trainer.save_every=1", "trainer.log_samples=0",
-      "eval.n=4", "eval.k=[1,4]", "eval.num_prompts=4"]
+RL = [
+    "sft.enabled=false",
+    "trainer.total_steps=3",
+    "trainer.prompts_per_step=8",
+    "algo.group_size=4",
+    "rollout.max_tokens=32",
+    "learner.micro_batch_size=32",
+    "logger.wandb_mode=disabled",
+    "trainer.eval_at_start_end=false",
+    "trainer.save_every=1",
+    "trainer.log_samples=0",
+    "eval.n=4",
+    "eval.k=[1,4]",
+    "eval.num_prompts=4",
+]
 
 
 def rl(*changes: str) -> list[str]:
@@ -47,8 +58,17 @@ def rl(*changes: str) -> list[str]:
     return [o for o in RL if o.split("=", 1)[0] not in keys] + list(changes)
 
 
-SFT = ["sft.steps=400", "sft.batch_size=16", "sft.micro_batch_size=16", "sft.num_examples=64", "sft.log_every=5",
-       "sft.warmup_steps=2", "sft.eval_prompts=4", "sft.eval_samples=4", "logger.wandb_mode=disabled"]
+SFT = [
+    "sft.steps=400",
+    "sft.batch_size=16",
+    "sft.micro_batch_size=16",
+    "sft.num_examples=64",
+    "sft.log_every=5",
+    "sft.warmup_steps=2",
+    "sft.eval_prompts=4",
+    "sft.eval_samples=4",
+    "logger.wandb_mode=disabled",
+]
 
 
 class Job:
@@ -57,13 +77,26 @@ class Job:
     def __init__(self, tmp_path: Path, module: str, *overrides: str):
         self.tmp_path = tmp_path
         self.out = tmp_path / "run"
-        self.cmd = [sys.executable, "-m", module, f"run.output_dir={self.out}",
-                    f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            module,
+            f"run.output_dir={self.out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+            *overrides,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", RLSYS_DEBUG="rlsys.signals,rlsys.checkpoint")
         env.pop("RAY_ADDRESS", None)
         env.pop("RLSYS_STOP_GRACE_S", None)
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[tuple[float, str]] = []
         self.cond = threading.Condition()
         self.tree: list[psutil.Process] = []
@@ -72,6 +105,7 @@ class Job:
         self.reader.start()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None  # started with stdout=PIPE
         for line in self.proc.stdout:
             with self.cond:
                 self.lines.append((time.monotonic(), line.rstrip("\n")))
@@ -228,8 +262,15 @@ def test_sigterm_during_grade(job_factory, tmp_path):
     verifier sandbox processes go with the reward actor."""
     data = tmp_path / "hang.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Write {i}.", "answer": "HANG"}) + "\n" for i in range(16)))
-    job = job_factory("rlsys.train", *RL, "data=file", f"data.path={data}", f"data.verifier={HANG}",
-                      f"reward.allowed_functions=[{HANG}]", "reward.timeout_s=120")
+    job = job_factory(
+        "rlsys.train",
+        *RL,
+        "data=file",
+        f"data.path={data}",
+        f"data.verifier={HANG}",
+        f"reward.allowed_functions=[{HANG}]",
+        "reward.timeout_s=120",
+    )
     job.wait_for(r"phase grade \(step 1\)")
     time.sleep(1.0)  # the sandboxes are inside the hanging verifier now
     job.send(signal.SIGTERM, group=False)
@@ -276,8 +317,14 @@ def test_ctrl_c_during_checkpoint_write_then_resume(job_factory):
     assert f"last complete checkpoint: {step1};" in line
     assert not tmp.exists() and not (job.out / "checkpoints" / "step_000002").exists()
 
-    resumed = subprocess.run(resume_command(line), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    resumed = subprocess.run(
+        resume_command(line),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
     out = resumed.stdout + resumed.stderr
     assert f"resuming from {step1} (step 1" in out, out[-4000:]
@@ -318,12 +365,37 @@ def test_ray_job_stop(head_node, tmp_path):  # noqa: F811 - the fixture imported
     env = head_node["env"]
     sub_id = f"rlsys-sigtest-{os.getpid()}-{int(time.time())}"
     out = tmp_path / "run"
-    entry = ["env", "RLSYS_DEBUG=rlsys.signals", "python", "-m", "rlsys.train", "cluster=remote",
-             f"run.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
-             *rl("trainer.total_steps=40")]  # still running when `ray job stop` comes (the log polling is slow)
+    entry = [
+        "env",
+        "RLSYS_DEBUG=rlsys.signals",
+        "python",
+        "-m",
+        "rlsys.train",
+        "cluster=remote",
+        f"run.output_dir={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *rl("trainer.total_steps=40"),
+    ]  # still running when `ray job stop` comes (the log polling is slow)
     for _attempt in range(20):  # the job agent may not be up right after `ray start` (see test_job_submit)
-        r = subprocess.run([*ray_cmd, "submit", *addr, "--no-wait", "--submission-id", sub_id, "--working-dir",
-                            str(ROOT), "--", *entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                *ray_cmd,
+                "submit",
+                *addr,
+                "--no-wait",
+                "--submission-id",
+                sub_id,
+                "--working-dir",
+                str(ROOT),
+                "--",
+                *entry,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if r.returncode != 0 and "No available agent to submit job" in r.stdout + r.stderr:
             time.sleep(3)
             continue
@@ -331,18 +403,21 @@ def test_ray_job_stop(head_node, tmp_path):  # noqa: F811 - the fixture imported
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
     def logs() -> str:
-        return subprocess.run([*ray_cmd, "logs", *addr, sub_id], env=env, capture_output=True, text=True,
-                              timeout=60).stdout
+        return subprocess.run(
+            [*ray_cmd, "logs", *addr, sub_id], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
 
     def job_status() -> str:
-        return subprocess.run([*ray_cmd, "status", *addr, sub_id], env=env, capture_output=True, text=True,
-                              timeout=60).stdout
+        return subprocess.run(
+            [*ray_cmd, "status", *addr, sub_id], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
 
     deadline = time.monotonic() + 600
     while "phase train (step 1)" not in (text := logs()):
         st = job_status()
-        assert time.monotonic() < deadline and not any(s in st.lower() for s in ("failed", "succeeded", "stopped")), \
+        assert time.monotonic() < deadline and not any(s in st.lower() for s in ("failed", "succeeded", "stopped")), (
             f"{st}\n{text[-4000:]}"
+        )
         time.sleep(2.0)
     assert _job_actor_processes(head_node["temp_dir"])  # the job's actors are up
     t0 = time.monotonic()
@@ -362,8 +437,11 @@ def test_ray_job_stop(head_node, tmp_path):  # noqa: F811 - the fixture imported
     assert not left, f"actors of the stopped job still alive: {left}"
     assert not list(tmp_path.rglob("*.tmp-*"))
     # The cluster it joined is still up (only this job's actors were killed).
-    assert any("gcs_server" in " ".join(psutil.Process(p).cmdline()[:1]) for p in _cluster_pids(head_node["temp_dir"])
-               if psutil.pid_exists(p))
+    assert any(
+        "gcs_server" in " ".join(psutil.Process(p).cmdline()[:1])
+        for p in _cluster_pids(head_node["temp_dir"])
+        if psutil.pid_exists(p)
+    )
     # Ray's job supervisor logs "... force-killed with SIGKILL" when SIGTERM did not end the job in 3 s.
     assert "force-killed" not in text, text[-3000:]
     how = "by the watchdog" if "killing the job's processes now" in text else "gracefully"

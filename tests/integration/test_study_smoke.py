@@ -35,7 +35,7 @@ def _table_rows(readme: str) -> list[list[str]]:
     lines = readme.split("## Results", 1)[1].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip("|").split("|")])
@@ -46,20 +46,36 @@ def test_smoke_study_writes_a_row_per_method_and_a_plot_per_split(tmp_path):
     out = tmp_path / "study"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)  # a local cluster of its own, never one the caller happens to be in
-    res = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
     study = _study_module()
-    expected = (["starting policy (no RL)"] + [m.label for m in study.METHODS]
-                + [f"{study.SELECTION_METHOD.label}, {s} 10%" for s in study.SELECTIONS])
+    expected = (
+        ["starting policy (no RL)"]
+        + [m.label for m in study.METHODS]
+        + [f"{study.SELECTION_METHOD.label}, {s} 10%" for s in study.SELECTIONS]
+    )
     readme = (out / "README.md").read_text()
     rows = _table_rows(readme)
     assert [r[0] for r in rows] == expected
     kmax = max(study.PRESETS["smoke"].eval_k)
     header = readme.split("## Results", 1)[1]
-    for col in ("test pass@1", f"test pass@{kmax}", "ood pass@1", f"ood pass@{kmax}", "mixed groups",
-                "focal weight", "learnable groups"):
+    for col in (
+        "test pass@1",
+        f"test pass@{kmax}",
+        "ood pass@1",
+        f"ood pass@{kmax}",
+        "mixed groups",
+        "focal weight",
+        "learnable groups",
+    ):
         assert col in header
     for r in rows:
         # pass@1 and pass@kmax of both splits: probabilities, printed as numbers.

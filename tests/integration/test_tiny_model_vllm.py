@@ -121,9 +121,7 @@ def test_generate_n_samples_with_logprobs(llm, tokenizer, hf_model):
         "Use the numbers [2, 3, 4] to make 24.",
     ]
     prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-        )
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         for q in questions
     ]
     params = SamplingParams(n=N_SAMPLES, max_tokens=MAX_TOKENS, logprobs=0, temperature=1.0, seed=1234)

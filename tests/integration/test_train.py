@@ -25,16 +25,45 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Every key the issue asks for, each step, finite.
 STEP_KEYS = [
-    "reward/mean", "reward/success_rate", "algo/focal_weight_mean", "algo/focal_weight_min",
-    "algo/focal_weight_max", "algo/mixed_group_fraction", "algo/all_correct_fraction", "algo/all_wrong_fraction",
-    "train/loss", "train/clip_fraction", "train/grad_norm", "train/entropy", "train/approx_kl",
-    "rollout/response_length", "rollout/tokens_per_s", "sync/seconds", "sync/logprob_diff", "time/rollout",
-    "time/reward", "time/train", "time/sync", "time/step", "step", "weight_version",
+    "reward/mean",
+    "reward/success_rate",
+    "algo/focal_weight_mean",
+    "algo/focal_weight_min",
+    "algo/focal_weight_max",
+    "algo/mixed_group_fraction",
+    "algo/all_correct_fraction",
+    "algo/all_wrong_fraction",
+    "train/loss",
+    "train/clip_fraction",
+    "train/grad_norm",
+    "train/entropy",
+    "train/approx_kl",
+    "rollout/response_length",
+    "rollout/tokens_per_s",
+    "sync/seconds",
+    "sync/logprob_diff",
+    "time/rollout",
+    "time/reward",
+    "time/train",
+    "time/sync",
+    "time/step",
+    "step",
+    "weight_version",
 ]
 
-SMALL = ["trainer.total_steps=2", "trainer.prompts_per_step=4", "algo.group_size=4", "rollout.max_tokens=16",
-         "learner.micro_batch_size=4", "logger.wandb_mode=offline", "learner.lr=1e-3", "learner.warmup_steps=0",
-         "eval.n=4", "eval.k=[1,4]", "eval.num_prompts=4"]
+SMALL = [
+    "trainer.total_steps=2",
+    "trainer.prompts_per_step=4",
+    "algo.group_size=4",
+    "rollout.max_tokens=16",
+    "learner.micro_batch_size=4",
+    "logger.wandb_mode=offline",
+    "learner.lr=1e-3",
+    "learner.warmup_steps=0",
+    "eval.n=4",
+    "eval.k=[1,4]",
+    "eval.num_prompts=4",
+]
 DIGIT = "tests.integration.reward_fns:has_digit"
 
 
@@ -48,16 +77,24 @@ def digit_data(tmp_path: Path, n: int = 32) -> list[str]:
     return ["data=file", f"data.path={path}", f"data.verifier={DIGIT}", f"reward.allowed_functions=[{DIGIT}]"]
 
 
-def run_train(tmp_path: Path, *overrides: str, timeout: int = 900, relative_output: bool = False,
-              env: dict | None = None) -> tuple[subprocess.CompletedProcess, list]:
+def run_train(
+    tmp_path: Path, *overrides: str, timeout: int = 900, relative_output: bool = False, env: dict | None = None
+) -> tuple[subprocess.CompletedProcess, list]:
     """Run the training CLI (from the repository root) with ``run.output_dir`` = ``tmp_path/run``,
     given as a path relative to the root when ``relative_output``; return the process result and any
     off-loopback listeners it had."""
     out = tmp_path / "run"
     if relative_output:
         out = Path(os.path.relpath(out, ROOT))
-    cmd = [sys.executable, "-m", "rlsys.train", f"run.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
-           *SMALL, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlsys.train",
+        f"run.output_dir={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *SMALL,
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -184,8 +221,13 @@ def test_train_one_worker_each(tmp_path):
     # live under it, and the actors' working directory is not the driver's.
     # With PyTorch and oneDNN capped at AVX2 (an AVX2-only CPU, emulated on any x86 machine) the default
     # model.dtype=auto must resolve to float32, and every actor must run float32.
-    res, bad = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path), relative_output=True,
-                         env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    res, bad = run_train(
+        tmp_path,
+        "cluster.num_cpus=4",
+        *digit_data(tmp_path),
+        relative_output=True,
+        env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    )
     check_run(tmp_path, res, bad)
     assert "model.dtype=auto: cpu: " in res.stdout and "-> float32" in res.stdout
     assert_dtype_everywhere(tmp_path, res.stdout, "float32")
@@ -202,9 +244,16 @@ def test_train_one_worker_each(tmp_path):
 def test_train_two_learners_two_rollout_workers(tmp_path, zero_stage):
     # The ZeRO-3 run also turns on truncated importance sampling (its weights reduced over 2 ranks).
     tis = ("algo.tis_cap=2.0",) if zero_stage == 3 else ()
-    res, bad = run_train(tmp_path, "learner.num_workers=2", f"learner.zero_stage={zero_stage}",
-                         "rollout.num_workers=2", "cluster.num_cpus=6", "learner.micro_batch_size=2",
-                         *tis, *digit_data(tmp_path))
+    res, bad = run_train(
+        tmp_path,
+        "learner.num_workers=2",
+        f"learner.zero_stage={zero_stage}",
+        "rollout.num_workers=2",
+        "cluster.num_cpus=6",
+        "learner.micro_batch_size=2",
+        *tis,
+        *digit_data(tmp_path),
+    )
     rows = check_run(tmp_path, res, bad)
     # Uncapped: auto resolves to this machine's native choice; 2 ranks / 2 engines share the cores.
     from rlsys.config import RLConfig, resolve_dtype
@@ -228,11 +277,22 @@ def test_hanging_verifier_is_timed_out_and_counted(tmp_path):
         for i in range(8):
             fh.write(json.dumps({"question": f"Say {i}.", "gold": "HANG" if i % 2 else str(i)}) + "\n")
     spec = "tests.integration.reward_fns:hang_on_marker"
-    res, bad = run_train(tmp_path, "cluster.num_cpus=4", "data=file", f"data.path={data}", "data.prompt_key=question",
-                         "data.answer_key=gold", f"data.verifier={spec}", f"reward.allowed_functions=[{spec}]",
-                         "reward.timeout_s=1.0", "trainer.total_steps=1", "trainer.prompts_per_step=8",
-                         "trainer.eval_at_start_end=false",
-                         "algo.group_size=2", "reward.procs_per_worker=2")
+    res, bad = run_train(
+        tmp_path,
+        "cluster.num_cpus=4",
+        "data=file",
+        f"data.path={data}",
+        "data.prompt_key=question",
+        "data.answer_key=gold",
+        f"data.verifier={spec}",
+        f"reward.allowed_functions=[{spec}]",
+        "reward.timeout_s=1.0",
+        "trainer.total_steps=1",
+        "trainer.prompts_per_step=8",
+        "trainer.eval_at_start_end=false",
+        "algo.group_size=2",
+        "reward.procs_per_worker=2",
+    )
     assert res.returncode == 0, res.stdout[-6000:]
     rows = metrics_of(tmp_path)
     # 4 hanging rows x 2 samples, each killed at its 1 s limit.
@@ -252,10 +312,17 @@ def test_dapo_dynamic_sampling_survives_when_nothing_is_mixed(tmp_path):
     """DAPO's filter drops every group (all wrong); the driver refills for max_refill_rounds, then
     trains on a zero-signal batch and says so, instead of crashing (a known pain elsewhere)."""
     never = "tests.integration.reward_fns:never"
-    res, _ = run_train(tmp_path, "cluster.num_cpus=4", *digit_data(tmp_path), "algo=f_dapo",
-                       f"data.verifier={never}", f"reward.allowed_functions=[{never}]", "algo.max_refill_rounds=2",
-                       "trainer.eval_at_start_end=false",
-                       "trainer.total_steps=1")
+    res, _ = run_train(
+        tmp_path,
+        "cluster.num_cpus=4",
+        *digit_data(tmp_path),
+        "algo=f_dapo",
+        f"data.verifier={never}",
+        f"reward.allowed_functions=[{never}]",
+        "algo.max_refill_rounds=2",
+        "trainer.eval_at_start_end=false",
+        "trainer.total_steps=1",
+    )
     assert res.returncode == 0, res.stdout[-6000:]
     row = metrics_of(tmp_path)[0]
     assert_documented(tmp_path)

@@ -67,8 +67,10 @@ def make_requests(model_path: str) -> list[RolloutRequest]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    return [RolloutRequest(f"p{k}", tuple(tok(f"Question {k}: what is {k} plus {k + 3}? Answer:")["input_ids"]))
-            for k in range(NUM_PROMPTS)]
+    return [
+        RolloutRequest(f"p{k}", tuple(tok(f"Question {k}: what is {k} plus {k + 3}? Answer:")["input_ids"]))
+        for k in range(NUM_PROMPTS)
+    ]
 
 
 def perturbed_weight_refs(model_path: str, scale: float = 0.05) -> list:
@@ -139,8 +141,9 @@ def test_supervision_classifies_ray_errors() -> None:
     assert RestartPolicy(backoff_s=0.5, backoff_max_s=1.5).backoff(3) == 1.5
 
 
-def test_rollout_worker_killed_mid_generate_is_restarted_with_current_weights(ray_cluster: None,
-                                                                              model_dir: str) -> None:
+def test_rollout_worker_killed_mid_generate_is_restarted_with_current_weights(
+    ray_cluster: None, model_dir: str
+) -> None:
     import ray
 
     from rlsys.workers.rollout import RolloutPool, RolloutSpec
@@ -149,8 +152,7 @@ def test_rollout_worker_killed_mid_generate_is_restarted_with_current_weights(ra
     seeds = {r.prompt_id: 1000 + k for k, r in enumerate(requests)}
     probe = list(requests[0].prompt_token_ids) + [5, 6, 7, 8]
     spec = RolloutSpec(model_dir, max_tokens=MAX_TOKENS, kv_cache_memory_bytes=64 << 20, seed=0)
-    pool = RolloutPool(spec, 2, num_cpus=1, timeout_s=300, ready_timeout_s=300, max_restarts=3,
-                       restart_backoff_s=0.1)
+    pool = RolloutPool(spec, 2, num_cpus=1, timeout_s=300, ready_timeout_s=300, max_restarts=3, restart_backoff_s=0.1)
     try:
         initial_lp = pool.sequence_logprobs(probe, worker=0)[0]
         refs = perturbed_weight_refs(model_dir)
@@ -210,8 +212,10 @@ def test_rollout_worker_killed_mid_generate_is_restarted_with_current_weights(ra
         lp = pool.sequence_logprobs(probe)
         assert np.abs(lp[0] - lp[1]).max() < 1e-3
         assert not [p for p in dead_files if os.path.exists(p)]
-        print(f"\nrollout: reference call {reference_s:.1f} s; kill -> call complete {recovery_s:.1f} s "
-              f"(engine restart + weight re-push + re-issued shard)")
+        print(
+            f"\nrollout: reference call {reference_s:.1f} s; kill -> call complete {recovery_s:.1f} s "
+            f"(engine restart + weight re-push + re-issued shard)"
+        )
         live_files = [p for s in pool._scratch for p in s.get("paths", [])]
     finally:
         pool.shutdown()
@@ -226,8 +230,15 @@ def test_rollout_worker_that_cannot_come_back_fails_fast(ray_cluster: None, tmp_
     model = copy_tiny_model(tmp_path / "tiny")
     requests = make_requests(model)[:2]
     seeds = {r.prompt_id: k for k, r in enumerate(requests)}
-    pool = RolloutPool(RolloutSpec(model, max_tokens=8, kv_cache_memory_bytes=64 << 20), 1, num_cpus=1,
-                       timeout_s=120, ready_timeout_s=120, max_restarts=2, restart_backoff_s=0.1)
+    pool = RolloutPool(
+        RolloutSpec(model, max_tokens=8, kv_cache_memory_bytes=64 << 20),
+        1,
+        num_cpus=1,
+        timeout_s=120,
+        ready_timeout_s=120,
+        max_restarts=2,
+        restart_backoff_s=0.1,
+    )
     try:
         # Every replacement will fail at start-up (its checkpoint is gone), and the worker dies now.
         shutil.rmtree(model)
@@ -250,11 +261,18 @@ def test_rollout_worker_that_cannot_come_back_fails_fast(ray_cluster: None, tmp_
 def test_reward_worker_killed_mid_grading_is_restarted(ray_cluster: None) -> None:
     import ray
 
-    from rlsys.rewards import RewardPool
+    from rlsys.workers.reward import RewardPool
 
     slow = f"{REWARD_FNS}:sleep_if_asked"
-    pool = RewardPool(num_workers=2, timeout_s=1.0, procs_per_worker=1, allowed_functions=[f"{REWARD_FNS}:*"],
-                      num_cpus=0.5, max_restarts=2, restart_backoff_s=0.1)
+    pool = RewardPool(
+        num_workers=2,
+        timeout_s=1.0,
+        procs_per_worker=1,
+        allowed_functions=[f"{REWARD_FNS}:*"],
+        num_cpus=0.5,
+        max_restarts=2,
+        restart_backoff_s=0.1,
+    )
     try:
         requests = []
         for p in range(4):

@@ -1,5 +1,6 @@
 """Unit tests for rlsys.algo.advantages (paper-notes Sec. 1)."""
 
+import dataclasses
 import math
 import statistics
 
@@ -33,8 +34,9 @@ def test_focal_weight_values():
     s = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=F64)
     assert torch.equal(focal_weight(s, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.0], dtype=F64))
     assert torch.allclose(focal_weight(s, 2.0), torch.tensor([1.0, 0.5625, 0.25, 0.0], dtype=F64), rtol=0, atol=1e-15)
-    assert torch.allclose(focal_weight(s, 0.5), torch.tensor([1.0, math.sqrt(0.75), math.sqrt(0.5), 0.0], dtype=F64),
-                          rtol=0, atol=1e-15)
+    assert torch.allclose(
+        focal_weight(s, 0.5), torch.tensor([1.0, math.sqrt(0.75), math.sqrt(0.5), 0.0], dtype=F64), rtol=0, atol=1e-15
+    )
 
 
 def test_focal_weight_gamma_zero_is_exactly_one_even_at_success_one():
@@ -104,8 +106,9 @@ def test_identical_rewards_give_exact_zeros_without_nan():
     rewards = torch.tensor([[0.1, 0.1, 0.1], [0.7, 0.7, 0.7], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=F64)
     for eps in (1e-6, 0.0):
         for std_normalize in (True, False):
-            adv, stats = group_advantages(rewards, gamma=1.0, eps=eps, std_normalize=std_normalize,
-                                          success_threshold=0.5)
+            adv, stats = group_advantages(
+                rewards, gamma=1.0, eps=eps, std_normalize=std_normalize, success_threshold=0.5
+            )
             assert torch.equal(adv, torch.zeros_like(rewards))
             assert stats.learnable_fraction == 0.0
     adv32, _ = group_advantages(torch.full((2, 4), 0.3), success_threshold=0.5)
@@ -168,15 +171,19 @@ def test_explicit_threshold_used_for_binary_rewards():
 
 
 def test_stats_fractions_hand_computed():
-    rewards = torch.tensor(
-        [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]], dtype=F64
-    )
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]], dtype=F64)
     _, stats = group_advantages(rewards, gamma=1.0)
     assert isinstance(stats, GroupStats)
     d = stats.as_dict()
     assert set(d) == {
-        "focal_weight_mean", "focal_weight_min", "focal_weight_max", "mixed_group_fraction",
-        "all_correct_fraction", "all_wrong_fraction", "success_rate_mean", "learnable_fraction",
+        "focal_weight_mean",
+        "focal_weight_min",
+        "focal_weight_max",
+        "mixed_group_fraction",
+        "all_correct_fraction",
+        "all_wrong_fraction",
+        "success_rate_mean",
+        "learnable_fraction",
     }
     assert all(type(v) is float for v in d.values())
     assert d["mixed_group_fraction"] == 0.5
@@ -188,7 +195,7 @@ def test_stats_fractions_hand_computed():
     assert d["focal_weight_min"] == 0.0 and d["focal_weight_max"] == 1.0
     assert torch.equal(stats.mixed, torch.tensor([False, False, True, True]))
     assert torch.equal(stats.learnable, torch.tensor([False, False, True, True]))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         stats.learnable_fraction = 1.0  # frozen
 
 

@@ -110,8 +110,9 @@ def test_adam_matches_torch_adam_maximize():
     p_ref = torch.randn(2, 6, generator=g, dtype=F64)
     p_mine = p_ref.clone()
     leaf = p_ref.clone().requires_grad_(True)
-    opt = torch.optim.Adam([leaf], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=True,
-                           foreach=False)
+    opt = torch.optim.Adam(
+        [leaf], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=True, foreach=False
+    )
     state = AdamState.zeros_like(p_mine)
     for _ in range(10):
         grad = torch.randn(2, 6, generator=g, dtype=F64) * 1e-3
@@ -127,8 +128,9 @@ def test_mass_metrics_hand_computed():
     pt = torch.tensor([[0.4, 0.1, 0.5], [0.1, 0.1, 0.8], [0.35, 0.25, 0.4]], dtype=F64)
     assert torch.allclose(positive_mass(pt, 2), torch.tensor([0.5, 0.2, 0.6], dtype=F64), rtol=0, atol=1e-15)
     # Lost correct mass: 0.1, 0.2 + 0.1, 0 -> M_ret = 1 - lost / 0.5.
-    assert torch.allclose(retained_positive_mass(p0, pt, 2), torch.tensor([0.8, 0.4, 1.0], dtype=F64), rtol=0,
-                          atol=1e-15)
+    assert torch.allclose(
+        retained_positive_mass(p0, pt, 2), torch.tensor([0.8, 0.4, 1.0], dtype=F64), rtol=0, atol=1e-15
+    )
 
 
 def test_simulate_basics():
@@ -141,15 +143,26 @@ def test_simulate_basics():
     assert np.allclose(res0.q_pos, q0, rtol=0, atol=1e-14) and np.all(res0.m_ret == 1.0)
     # Logprob + SGD with +-1 rewards only ever raises correct logits / lowers incorrect ones, so
     # Q_pos is non-decreasing step by step.
-    res = simulate(setup, 8, gammas=(0.0, 1.0), seeds=(0, 1), steps=60, surrogate="logprob", optimizer="sgd",
-                   dtype=F64, record_every=1, lr=0.5)
+    res = simulate(
+        setup,
+        8,
+        gammas=(0.0, 1.0),
+        seeds=(0, 1),
+        steps=60,
+        surrogate="logprob",
+        optimizer="sgd",
+        dtype=F64,
+        record_every=1,
+        lr=0.5,
+    )
     assert res.q_pos_traj.shape == (61, 2, 2) and res.record_steps[-1] == 60
     assert np.all(np.diff(res.q_pos_traj, axis=0) >= -1e-15)
     assert np.all(res.q_pos > res.q_pos_init)
     assert np.all((res.m_ret >= 0) & (res.m_ret <= 1))
     # Common random numbers: the gamma = 0 rows do not depend on which other gammas run alongside.
-    alone = simulate(setup, 8, gammas=(0.0,), seeds=(0, 1), steps=60, surrogate="logprob", optimizer="sgd",
-                     dtype=F64, lr=0.5)
+    alone = simulate(
+        setup, 8, gammas=(0.0,), seeds=(0, 1), steps=60, surrogate="logprob", optimizer="sgd", dtype=F64, lr=0.5
+    )
     assert np.array_equal(alone.q_pos[0], res.q_pos[0]) and np.array_equal(alone.m_ret[0], res.m_ret[0])
     # The focal weight slows the ascent of the correct mass (g <= 1 scales every SGD update down).
     assert np.all(res.q_pos[1] <= res.q_pos[0] + 1e-12)
@@ -172,10 +185,16 @@ def small_run(tmp_path_factory):
 
 
 def test_small_preset_outputs(small_run):
-    for name in ("categorical_runs.csv", "categorical_summary.csv", "categorical_trajectories.csv",
-                 "categorical_sim.png", "run_info.json"):
+    for name in (
+        "categorical_runs.csv",
+        "categorical_summary.csv",
+        "categorical_trajectories.csv",
+        "categorical_sim.png",
+        "run_info.json",
+    ):
         assert (small_run / name).stat().st_size > 0, name
-    rows = list(csv.DictReader(open(small_run / "categorical_runs.csv")))
+    with open(small_run / "categorical_runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == 4 * 8 * 2 * 2  # combinations x N in 2..256 x gammas x seeds
     assert {r["combination"] for r in rows} == {"prob/sgd", "prob/adam", "logprob/sgd", "logprob/adam"}
     for r in rows:
@@ -186,7 +205,8 @@ def test_small_preset_outputs(small_run):
             assert r["dtype"] == "float64"  # --dtype auto: SGD's tiny updates need float64 logits
             # p-scaled gradients at lr 1e-2 barely move the logits in 100 steps.
             assert q - q0 < 1e-4
-    summary = list(csv.DictReader(open(small_run / "categorical_summary.csv")))
+    with open(small_run / "categorical_summary.csv") as fh:
+        summary = list(csv.DictReader(fh))
     assert len(summary) == 4 * 8 * 2
     for s in summary:
         assert float(s["m_ret_min"]) <= float(s["m_ret_mean"]) <= float(s["m_ret_max"])

@@ -24,8 +24,22 @@ def _data(n=5, t=7, seed=0, spread=0.3, empty_row=True):
     return logp, old, ref, ent, adv, mask
 
 
-def _reference(logp, old, adv, mask, loss_type, agg, eps_low=None, eps_high=None, ref=None, kl_coef=0.0,
-               ent=None, ent_coef=0.0, normalizer=None, token_sum_constant=None):
+def _reference(
+    logp,
+    old,
+    adv,
+    mask,
+    loss_type,
+    agg,
+    eps_low=None,
+    eps_high=None,
+    ref=None,
+    kl_coef=0.0,
+    ent=None,
+    ent_coef=0.0,
+    normalizer=None,
+    token_sum_constant=None,
+):
     """Slow pure-python loop: (loss, dloss/dlogp as nested lists, dloss/dentropy as nested lists)."""
     d_low, d_high = DEFAULT_CLIP[loss_type]
     el = d_low if eps_low is None else eps_low
@@ -83,12 +97,33 @@ def test_matches_slow_reference(loss_type, agg):
     kw = dict(token_sum_constant=9.0) if agg == "seq_mean_token_sum_norm" else {}
     lp = logp.clone().requires_grad_(True)
     en = ent.clone().requires_grad_(True)
-    loss, metrics = policy_loss(lp, old, adv, mask, loss_type=loss_type, agg=agg, ref_logprobs=ref, kl_coef=0.05,
-                                entropy=en, entropy_coef=0.01, **kw)
+    loss, metrics = policy_loss(
+        lp,
+        old,
+        adv,
+        mask,
+        loss_type=loss_type,
+        agg=agg,
+        ref_logprobs=ref,
+        kl_coef=0.05,
+        entropy=en,
+        entropy_coef=0.01,
+        **kw,
+    )
     loss.backward()
-    exp_loss, exp_glp, exp_gent = _reference(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), loss_type,
-                                             agg, ref=ref.tolist(), kl_coef=0.05, ent=ent.tolist(),
-                                             ent_coef=0.01, **kw)
+    exp_loss, exp_glp, exp_gent = _reference(
+        logp.tolist(),
+        old.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        loss_type,
+        agg,
+        ref=ref.tolist(),
+        kl_coef=0.05,
+        ent=ent.tolist(),
+        ent_coef=0.01,
+        **kw,
+    )
     assert abs(loss.item() - exp_loss) < 1e-12
     assert torch.allclose(lp.grad, torch.tensor(exp_glp, dtype=F64), rtol=0, atol=1e-12)
     assert torch.allclose(en.grad, torch.tensor(exp_gent, dtype=F64), rtol=0, atol=1e-12)
@@ -102,8 +137,9 @@ def test_custom_clip_and_token_level_advantages(loss_type):
     adv_tok = adv.unsqueeze(-1).expand_as(logp).clone()
     adv_tok[0] *= 2.0
     loss, _ = policy_loss(logp, old, adv_tok, mask, loss_type=loss_type, clip_low=0.1, clip_high=0.4)
-    exp_loss, _, _ = _reference(logp.tolist(), old.tolist(), adv_tok.tolist(), mask.tolist(), loss_type,
-                                "token_mean", eps_low=0.1, eps_high=0.4)
+    exp_loss, _, _ = _reference(
+        logp.tolist(), old.tolist(), adv_tok.tolist(), mask.tolist(), loss_type, "token_mean", eps_low=0.1, eps_high=0.4
+    )
     assert abs(loss.item() - exp_loss) < 1e-12
     # [N] advantages broadcast exactly like the equivalent [N, T] tensor.
     l1, _ = policy_loss(logp, old, adv, mask, loss_type=loss_type)
@@ -129,8 +165,13 @@ def test_cispo_no_gradient_through_is_weight():
 
 def _one_token(ratio, adv, loss_type):
     lp = torch.tensor([[math.log(ratio)]], dtype=F64, requires_grad=True)
-    loss, metrics = policy_loss(lp, torch.zeros(1, 1, dtype=F64), torch.tensor([adv], dtype=F64),
-                                torch.ones(1, 1, dtype=torch.bool), loss_type=loss_type)
+    loss, metrics = policy_loss(
+        lp,
+        torch.zeros(1, 1, dtype=F64),
+        torch.tensor([adv], dtype=F64),
+        torch.ones(1, 1, dtype=torch.bool),
+        loss_type=loss_type,
+    )
     loss.backward()
     return loss.item(), lp.grad.item(), metrics["clip_fraction"]
 
@@ -159,8 +200,9 @@ def test_metrics_hand_computed():
     mask = torch.tensor([[True, True, True, False]])
     ref = torch.zeros(1, 4, dtype=F64)
     ent = torch.tensor([[0.5, 1.0, 1.5, 9.0]], dtype=F64)
-    loss, m = policy_loss(lp, torch.zeros(1, 4, dtype=F64), torch.tensor([1.0], dtype=F64), mask,
-                          ref_logprobs=ref, entropy=ent)
+    loss, m = policy_loss(
+        lp, torch.zeros(1, 4, dtype=F64), torch.tensor([1.0], dtype=F64), mask, ref_logprobs=ref, entropy=ent
+    )
     assert m["num_tokens"] == 3.0
     assert abs(m["clip_fraction"] - 1 / 3) < 1e-15
     assert abs(m["ratio_mean"] - sum(ratios) / 3) < 1e-15
@@ -176,7 +218,7 @@ def test_metrics_hand_computed():
 def test_kl_k3_values():
     lp = torch.tensor([0.0, -1.0, -2.0], dtype=F64)
     ref = torch.tensor([0.0, -0.5, -3.0], dtype=F64)
-    exp = [math.exp(r - l) - (r - l) - 1 for l, r in zip(lp.tolist(), ref.tolist())]
+    exp = [math.exp(r - p) - (r - p) - 1 for p, r in zip(lp.tolist(), ref.tolist())]
     assert torch.allclose(kl_k3(lp, ref), torch.tensor(exp, dtype=F64), rtol=0, atol=1e-15)
 
 
@@ -196,8 +238,15 @@ def test_micro_batches_and_data_parallel_shards_match_full_batch(agg):
     lp.grad = None
     total = torch.zeros((), dtype=F64)
     for s in range(0, 8, 2):
-        part, _ = policy_loss(lp[s:s + 2], old[s:s + 2], adv[s:s + 2], mask[s:s + 2], ref_logprobs=ref[s:s + 2],
-                              normalizer=torch.tensor(float(global_norm), dtype=F64), **common)
+        part, _ = policy_loss(
+            lp[s : s + 2],
+            old[s : s + 2],
+            adv[s : s + 2],
+            mask[s : s + 2],
+            ref_logprobs=ref[s : s + 2],
+            normalizer=torch.tensor(float(global_norm), dtype=F64),
+            **common,
+        )
         part.backward()
         total = total + part.detach()
     assert abs(total.item() - full.item()) < 1e-12
@@ -209,8 +258,9 @@ def test_micro_batches_and_data_parallel_shards_match_full_batch(agg):
     for rank in range(world):
         rows = slice(rank * 4, rank * 4 + 4)
         lp_r = logp[rows].clone().requires_grad_(True)
-        loss_r, _ = policy_loss(lp_r, old[rows], adv[rows], mask[rows], ref_logprobs=ref[rows],
-                                normalizer=global_norm / world, **common)
+        loss_r, _ = policy_loss(
+            lp_r, old[rows], adv[rows], mask[rows], ref_logprobs=ref[rows], normalizer=global_norm / world, **common
+        )
         loss_r.backward()
         shard_grads.append(lp_r.grad)
         shard_losses.append(loss_r.item())
@@ -231,11 +281,23 @@ def test_gradcheck(loss_type, agg):
         kw.update(clip_low=1.0, clip_high=0.0)
 
     def f(lp, en):
-        return policy_loss(lp, old, adv, mask, loss_type=loss_type, agg=agg, ref_logprobs=ref, kl_coef=0.1,
-                           entropy=en, entropy_coef=0.02, **kw)[0]
+        return policy_loss(
+            lp,
+            old,
+            adv,
+            mask,
+            loss_type=loss_type,
+            agg=agg,
+            ref_logprobs=ref,
+            kl_coef=0.1,
+            entropy=en,
+            entropy_coef=0.02,
+            **kw,
+        )[0]
 
-    assert torch.autograd.gradcheck(f, (logp.clone().requires_grad_(True), ent.clone().requires_grad_(True)),
-                                    eps=1e-6, atol=1e-9, rtol=1e-7)
+    assert torch.autograd.gradcheck(
+        f, (logp.clone().requires_grad_(True), ent.clone().requires_grad_(True)), eps=1e-6, atol=1e-9, rtol=1e-7
+    )
 
 
 def test_masked_garbage_does_not_leak():
@@ -255,8 +317,9 @@ def test_empty_call_gives_zero_loss_and_neutral_metrics():
     lp = torch.randn(2, 3, dtype=F64, requires_grad=True)
     for agg in AGG_MODES:
         kw = dict(token_sum_constant=3.0) if agg == "seq_mean_token_sum_norm" else {}
-        loss, m = policy_loss(lp, lp.detach(), torch.ones(2, dtype=F64), torch.zeros(2, 3, dtype=torch.bool),
-                              agg=agg, **kw)
+        loss, m = policy_loss(
+            lp, lp.detach(), torch.ones(2, dtype=F64), torch.zeros(2, 3, dtype=torch.bool), agg=agg, **kw
+        )
         loss.backward()
         assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros_like(lp))
         assert m["num_tokens"] == 0.0 and m["ratio_min"] == 1.0 and m["ratio_max"] == 1.0
@@ -350,13 +413,16 @@ def test_tis_does_not_weight_kl_and_entropy():
     assert tis.item() == pytest.approx(plain.item(), rel=1e-14)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(tis_cap=2.0), "tis_cap needs rollout_logprobs"),
-    (dict(tis_cap=0.5, rollout_logprobs="old"), "tis_cap must be"),
-    (dict(tis_cap=float("inf"), rollout_logprobs="old"), "tis_cap must be"),
-    (dict(tis_cap=True, rollout_logprobs="old"), "tis_cap must be"),
-    (dict(tis_cap=2.0, rollout_logprobs="short"), "rollout_logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(tis_cap=2.0), "tis_cap needs rollout_logprobs"),
+        (dict(tis_cap=0.5, rollout_logprobs="old"), "tis_cap must be"),
+        (dict(tis_cap=float("inf"), rollout_logprobs="old"), "tis_cap must be"),
+        (dict(tis_cap=True, rollout_logprobs="old"), "tis_cap must be"),
+        (dict(tis_cap=2.0, rollout_logprobs="short"), "rollout_logprobs"),
+    ],
+)
 def test_tis_validation(kwargs, match):
     logp, old, _, _, adv, mask = _data()
     if kwargs.get("rollout_logprobs") == "old":

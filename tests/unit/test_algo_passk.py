@@ -37,8 +37,15 @@ def test_closed_values():
 
 
 def test_against_exact_rationals_at_large_n():
-    for n, c, k in [(1024, 1, 256), (1024, 3, 1), (1024, 17, 256), (1024, 500, 2), (256, 1, 255),
-                    (1000, 1, 1), (4096, 2, 1024)]:
+    for n, c, k in [
+        (1024, 1, 256),
+        (1024, 3, 1),
+        (1024, 17, 256),
+        (1024, 500, 2),
+        (256, 1, 255),
+        (1000, 1, 1),
+        (4096, 2, 1024),
+    ]:
         exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
         got = pass_at_k(n, c, k)
         assert abs(got - float(exact)) <= 1e-13 * float(exact), (n, c, k)

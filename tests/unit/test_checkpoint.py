@@ -9,8 +9,15 @@ from rlsys.sampler import SamplerState
 
 
 def state(step: int) -> ckpt.DriverState:
-    return ckpt.DriverState(step=step, sampler=SamplerState(1, step * 4), weight_version=step, wandb_run_id="abc",
-                            skipped_in_a_row=0, first_reward=0.25, eval_before={1: 0.1, 16: 0.5})
+    return ckpt.DriverState(
+        step=step,
+        sampler=SamplerState(1, step * 4),
+        weight_version=step,
+        wandb_run_id="abc",
+        skipped_in_a_row=0,
+        first_reward=0.25,
+        eval_before={1: 0.1, 16: 0.5},
+    )
 
 
 def save(out, step: int, keep: int = 5):

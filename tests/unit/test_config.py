@@ -24,9 +24,17 @@ def test_default_is_f_grpo_with_paper_gamma():
     assert cfg.logger.wandb_mode == "offline" and cfg.cluster.address is None
 
 
-@pytest.mark.parametrize("algo,loss,gamma,dyn", [
-    ("grpo", "grpo", 0.0, False), ("f_grpo", "grpo", 0.5, False), ("dapo", "dapo", 0.0, True),
-    ("f_dapo", "dapo", 0.5, True), ("cispo", "cispo", 0.0, False), ("f_cispo", "cispo", 0.5, False)])
+@pytest.mark.parametrize(
+    "algo,loss,gamma,dyn",
+    [
+        ("grpo", "grpo", 0.0, False),
+        ("f_grpo", "grpo", 0.5, False),
+        ("dapo", "dapo", 0.0, True),
+        ("f_dapo", "dapo", 0.5, True),
+        ("cispo", "cispo", 0.0, False),
+        ("f_cispo", "cispo", 0.5, False),
+    ],
+)
 def test_algo_groups(algo, loss, gamma, dyn):
     cfg = make(f"algo={algo}")
     validate(cfg)
@@ -40,18 +48,21 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         make("trainer.total_steps=many")
 
 
-@pytest.mark.parametrize("override,key", [
-    ("algo.group_size=1", "algo.group_size"),
-    ("algo.gamma=-0.5", "algo.gamma"),
-    ("algo.agg=sum", "algo.agg"),
-    ("learner.zero_stage=4", "learner.zero_stage"),
-    ("logger.wandb_mode=loud", "logger.wandb_mode"),
-    ("rollout.top_p=1.5", "rollout.top_p"),
-    ("rollout.vllm_log_level=info", "rollout.vllm_log_level"),
-    ("algo.tis_cap=0.5", "algo.tis_cap"),
-    ("model.path=/does/not/exist", "model.path"),
-    ("trainer.total_steps=0", "trainer.total_steps"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("algo.group_size=1", "algo.group_size"),
+        ("algo.gamma=-0.5", "algo.gamma"),
+        ("algo.agg=sum", "algo.agg"),
+        ("learner.zero_stage=4", "learner.zero_stage"),
+        ("logger.wandb_mode=loud", "logger.wandb_mode"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("rollout.vllm_log_level=info", "rollout.vllm_log_level"),
+        ("algo.tis_cap=0.5", "algo.tis_cap"),
+        ("model.path=/does/not/exist", "model.path"),
+        ("trainer.total_steps=0", "trainer.total_steps"),
+    ],
+)
 def test_invalid_values_name_the_key(override, key):
     cfg = make(override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -100,8 +111,14 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     them absolute against the caller's directory first (Hydra apps via to_dataclass)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    cfg = make("run.output_dir=out/run", "model.path=ckpt", "data.path='~/d.jsonl'", "eval.output_dir=ev",
-               "sft.output_dir=../sft", "difficulty.output_dir=/abs/diff")
+    cfg = make(
+        "run.output_dir=out/run",
+        "model.path=ckpt",
+        "data.path='~/d.jsonl'",
+        "eval.output_dir=ev",
+        "sft.output_dir=../sft",
+        "difficulty.output_dir=/abs/diff",
+    )
     assert cfg.run.output_dir == str(tmp_path / "out" / "run")
     assert cfg.model.path == str(tmp_path / "ckpt")
     assert cfg.data.path == str(tmp_path / "home" / "d.jsonl")
@@ -114,3 +131,31 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     assert fixed.run.output_dir == str(tmp_path / "rel") and plain.run.output_dir == "rel"  # a copy
     assert fixed.model.path is None and fixed.sft.output_dir is None  # unset stays unset
     assert absolute_paths(fixed) == fixed  # idempotent
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("max_tokens", 0, "invalid config eval.max_tokens=0: must be >= 1 (or null for rollout.max_tokens)"),
+        (
+            "max_prompts_per_call",
+            0,
+            "invalid config eval.max_prompts_per_call=0: must be >= 1 (or null for automatic chunking)",
+        ),
+    ],
+)
+def test_eval_sampling_keys_are_checked_by_validate_for_every_job(key, value, message):
+    """In-training evaluation reads eval.max_prompts_per_call too, so validate (not only rlsys.eval) checks them."""
+    import dataclasses
+
+    cfg = RLConfig()
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **{key: value}))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value) == message
+
+
+def test_data_num_test_is_gone_because_jobs_size_their_held_out_rows():
+    from rlsys.config import DataConfig
+
+    assert not hasattr(DataConfig(), "num_test")

@@ -24,8 +24,11 @@ def write_jsonl(path, records):
 def test_jsonl_string_prompts(tmp_path):
     path = write_jsonl(
         tmp_path / "gsm.jsonl",
-        [{"question": "What is 2+3?", "answer": 5}, {"question": "Half of 3?", "answer": 1.5},
-         {"question": "Ten?", "answer": 10.0}],
+        [
+            {"question": "What is 2+3?", "answer": 5},
+            {"question": "Half of 3?", "answer": 1.5},
+            {"question": "Ten?", "answer": 10.0},
+        ],
     )
     rows, report = load_rows(path, prompt_key="question")
     assert report == LoadReport(num_rows=3, num_skipped=0, reasons={}, first_errors=[])
@@ -45,8 +48,7 @@ def test_messages_prompts_and_system_prompt(tmp_path):
         tmp_path / "chat.jsonl",
         [
             {"prompt": [{"role": "user", "content": "hi"}], "answer": "a"},
-            {"prompt": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"}],
-             "answer": "b"},
+            {"prompt": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"}], "answer": "b"},
         ],
     )
     rows, _ = load_rows(path, system_prompt="Be brief.", verifier="exact")
@@ -86,8 +88,9 @@ def test_literal_dotted_key_wins(tmp_path):
 
 def test_json_array_and_gsm8k_answer_marker(tmp_path):
     path = tmp_path / "gsm8k.json"
-    path.write_text(json.dumps([{"question": "q1", "answer": "3 + 4 = 7\n#### 7"},
-                                {"question": "q2", "answer": "so #### 1,000 "}]))
+    path.write_text(
+        json.dumps([{"question": "q1", "answer": "3 + 4 = 7\n#### 7"}, {"question": "q2", "answer": "so #### 1,000 "}])
+    )
     rows, _ = load_rows(path, prompt_key="question", answer_after="####")
     assert [r.answer for r in rows] == ["7", "1,000"]
     with pytest.raises(DataError, match="row 1: .*no '@@' marker"):
@@ -130,8 +133,14 @@ def test_skip_mode_counts_and_logs(tmp_path, caplog):
         rows, report = load_rows(path, on_bad_row="skip")
     assert [r.prompt_id for r in rows] == ["mixed/000001", "mixed/000008"]  # ids keep file rows
     assert report.num_rows == 2 and report.num_skipped == 7
-    assert report.reasons == {"bad_json": 1, "missing_prompt": 1, "empty_prompt": 1,
-                              "bad_prompt": 2, "not_an_object": 1, "bad_answer": 1}
+    assert report.reasons == {
+        "bad_json": 1,
+        "missing_prompt": 1,
+        "empty_prompt": 1,
+        "bad_prompt": 2,
+        "not_an_object": 1,
+        "bad_answer": 1,
+    }
     assert len(report.first_errors) == 5 and "row 2" in report.first_errors[0]
     assert "skipped 7 bad rows" in caplog.text and "mixed.jsonl: row 2" in caplog.text
 
@@ -167,9 +176,14 @@ def test_file_level_errors(tmp_path):
 
 
 def test_duplicate_ids_error(tmp_path):
-    path = write_jsonl(tmp_path / "dup.jsonl", [{"id": 1, "prompt": "a", "answer": "1"},
-                                                {"id": 2, "prompt": "b", "answer": "2"},
-                                                {"id": 1, "prompt": "c", "answer": "3"}])
+    path = write_jsonl(
+        tmp_path / "dup.jsonl",
+        [
+            {"id": 1, "prompt": "a", "answer": "1"},
+            {"id": 2, "prompt": "b", "answer": "2"},
+            {"id": 1, "prompt": "c", "answer": "3"},
+        ],
+    )
     with pytest.raises(DataError, match=r"row 3: duplicate id '1' \(first seen in row 1\)"):
         load_rows(path, id_key="id", on_bad_row="skip")
 

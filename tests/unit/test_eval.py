@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,8 +79,9 @@ def test_pass_at_k_table_single_problem_stderr_is_nan():
     assert math.isnan(se[1]) and math.isnan(se[8])
 
 
-@pytest.mark.parametrize("n, c, ks", [([], [], [1]), ([4], [1], []), ([4], [1], [5]), ([4, 4], [1], [1]),
-                                      ([4], [5], [1])])
+@pytest.mark.parametrize(
+    "n, c, ks", [([], [], [1]), ([4], [1], []), ([4], [1], [5]), ([4, 4], [1], [1]), ([4], [5], [1])]
+)
 def test_pass_at_k_table_rejects_bad_input(n, c, ks):
     with pytest.raises(ValueError):
         pass_at_k_table(n, c, ks)
@@ -101,11 +103,16 @@ def grades_fixture(c_per_prompt=(0, 2, 4), n=4, distinct=(0, 1, 2)) -> SampleGra
     for i, ci in enumerate(c_per_prompt):
         correct[i, :ci] = True
     return SampleGrades(
-        prompt_ids=tuple(f"t/{i}" for i in range(p)), correct=correct, rewards=correct.astype(np.float32),
-        lengths=np.full((p, n), 10, dtype=np.int32), truncated=np.zeros((p, n), dtype=bool),
+        prompt_ids=tuple(f"t/{i}" for i in range(p)),
+        correct=correct,
+        rewards=correct.astype(np.float32),
+        lengths=np.full((p, n), 10, dtype=np.int32),
+        truncated=np.zeros((p, n), dtype=bool),
         status_counts={"ok": p * n - 1, "timeout": 1, "error": 0, "invalid": 0},
         distinct_correct=None if distinct is None else np.asarray(distinct, dtype=np.int64),
-        generate_seconds=1.0, grade_seconds=0.5)
+        generate_seconds=1.0,
+        grade_seconds=0.5,
+    )
 
 
 def test_result_from_grades():
@@ -201,10 +208,15 @@ class FakeRollout:
         groups = []
         for r in requests:
             texts = self.completions[r.prompt_id]
-            comps = tuple(Completion(token_ids=np.arange(j % 3 + 1, dtype=np.int32),
-                                     logprobs=np.zeros(j % 3 + 1, dtype=np.float32), text=texts[j % len(texts)],
-                                     finish_reason="length" if j % 3 == 2 else "stop")
-                          for j in range(group_size))
+            comps = tuple(
+                Completion(
+                    token_ids=np.arange(j % 3 + 1, dtype=np.int32),
+                    logprobs=np.zeros(j % 3 + 1, dtype=np.float32),
+                    text=texts[j % len(texts)],
+                    finish_reason="length" if j % 3 == 2 else "stop",
+                )
+                for j in range(group_size)
+            )
             groups.append(RolloutGroup(r.prompt_id, r.prompt_token_ids, comps, 0, 0))
         return groups, []
 
@@ -244,8 +256,11 @@ def test_sample_and_grade_chunks_orders_and_counts():
     rows, comps = countdown_setup()
     rollout, rewards = FakeRollout(comps), FakeRewards()
     sg = sample_and_grade(rows, FakeTokenizer(), rollout, rewards, n=6, seed=7, max_prompts_per_call=2)
-    assert [ids for ids, _ in rollout.calls] == [[r.prompt_id for r in rows[:2]], [r.prompt_id for r in rows[2:4]],
-                                                 [rows[4].prompt_id]]
+    assert [ids for ids, _ in rollout.calls] == [
+        [r.prompt_id for r in rows[:2]],
+        [r.prompt_id for r in rows[2:4]],
+        [rows[4].prompt_id],
+    ]
     assert rewards.validated == ["rlsys.tasks.countdown:verify"]
     assert sg.prompt_ids == tuple(r.prompt_id for r in rows)
     assert sg.correct.shape == (5, 6)
@@ -256,7 +271,8 @@ def test_sample_and_grade_chunks_orders_and_counts():
         n_sols = min(i, len(get_task("countdown").solutions(row)))
         assert sg.distinct_correct[i] == n_sols
     assert sg.status_counts["timeout"] == sum(
-        sum(comps[r.prompt_id][j % len(comps[r.prompt_id])] == "HANG" for j in range(6)) for r in rows)
+        sum(comps[r.prompt_id][j % len(comps[r.prompt_id])] == "HANG" for j in range(6)) for r in rows
+    )
     assert sg.status_counts["ok"] + sg.status_counts["timeout"] == 30
     assert sg.lengths[0].tolist() == [1, 2, 3, 1, 2, 3]
     assert sg.truncated[0].tolist() == [False, False, True, False, False, True]
@@ -271,8 +287,9 @@ def test_sample_and_grade_chunks_orders_and_counts():
 
 def test_evaluate_over_fake_pools():
     rows, comps = countdown_setup()
-    res = evaluate(rows, FakeTokenizer(), FakeRollout(comps), FakeRewards(), n=8, ks=[8, 1, 2], seed=0,
-                   max_prompts_per_call=3)
+    res = evaluate(
+        rows, FakeTokenizer(), FakeRollout(comps), FakeRewards(), n=8, ks=[8, 1, 2], seed=0, max_prompts_per_call=3
+    )
     assert res.ks == (1, 2, 8)
     assert res.pass_at_k[1] <= res.pass_at_k[2] <= res.pass_at_k[8] <= 1
     assert res.pass_at_k[8] == pytest.approx(0.8)  # prompt 0 never has a correct sample
@@ -309,10 +326,21 @@ def test_default_prompts_per_call():
 # ================================ difficulty selection ================================================
 
 
-@pytest.mark.parametrize("p, fraction, expect", [
-    (10, 0.1, 1), (30, 0.1, 3), (10, 0.15, 2), (10, 0.25, 3), (10, 0.24, 2), (10, 0.001, 1), (7, 1.0, 7),
-    (1, 0.1, 1), (512, 0.1, 51), (3, 0.5, 2),
-])
+@pytest.mark.parametrize(
+    "p, fraction, expect",
+    [
+        (10, 0.1, 1),
+        (30, 0.1, 3),
+        (10, 0.15, 2),
+        (10, 0.25, 3),
+        (10, 0.24, 2),
+        (10, 0.001, 1),
+        (7, 1.0, 7),
+        (1, 0.1, 1),
+        (512, 0.1, 51),
+        (3, 0.5, 2),
+    ],
+)
 def test_num_to_select_rounds_half_up_and_selects_at_least_one(p, fraction, expect):
     assert num_to_select(p, fraction) == expect
 
@@ -353,10 +381,17 @@ def test_select_random():
     assert a.tolist() != select_by_difficulty(rates, "random", 0.1, seed=4).tolist()
 
 
-@pytest.mark.parametrize("rates, select, fraction", [
-    ([], "hardest", 0.1), ([[0.1]], "hardest", 0.1), ([0.1, float("nan")], "hardest", 0.1),
-    ([0.1, 1.2], "hardest", 0.1), ([0.1], "median", 0.1), ([0.1], "hardest", 0.0),
-])
+@pytest.mark.parametrize(
+    "rates, select, fraction",
+    [
+        ([], "hardest", 0.1),
+        ([[0.1]], "hardest", 0.1),
+        ([0.1, float("nan")], "hardest", 0.1),
+        ([0.1, 1.2], "hardest", 0.1),
+        ([0.1], "median", 0.1),
+        ([0.1], "hardest", 0.0),
+    ],
+)
 def test_select_rejects(rates, select, fraction):
     with pytest.raises(ValueError):
         select_by_difficulty(rates, select, fraction, seed=0)
@@ -389,8 +424,87 @@ def test_annotated_rows_load_back(tmp_path):
     back, report = load_rows(path, id_key="prompt_id")
     assert report.num_skipped == 0
     assert [r.prompt_id for r in back] == [r.prompt_id for r in rows]
-    assert [(r.messages, r.answer, r.verifier, r.task) for r in back] == \
-        [(r.messages, r.answer, r.verifier, r.task) for r in rows]
+    assert [(r.messages, r.answer, r.verifier, r.task) for r in back] == [
+        (r.messages, r.answer, r.verifier, r.task) for r in rows
+    ]
     assert [dict(r.meta)["pass_rate"] for r in back] == ["0.0", "0.3", "1.0"]
     assert dict(back[0].meta)["key"] == dict(rows[0].meta)["key"]  # original meta kept
     assert load_pass_rates(path) == {rows[0].prompt_id: 0.0, rows[1].prompt_id: 0.3, rows[2].prompt_id: 1.0}
+
+
+# ================================ evaluation inside a training run (cfg.eval honoured) ================
+
+
+class FakeLogger:
+    def __init__(self):
+        self.images: list[tuple[str, str, int]] = []
+
+    def log_image(self, key, path, step):
+        self.images.append((key, path, step))
+
+
+def _train_cfg(tmp_path, **eval_values):
+    import dataclasses
+
+    from rlsys.config import RLConfig
+
+    cfg = RLConfig()
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, output_dir=str(tmp_path / "run")),
+        eval=dataclasses.replace(cfg.eval, n=6, k=[1, 2], **eval_values),
+    )
+
+
+def test_in_training_evaluation_honours_eval_output_dir_and_max_prompts_per_call(tmp_path):
+    from rlsys.eval import plot_training_evals, run_evaluation
+
+    rows, comps = countdown_setup()
+    cfg = _train_cfg(tmp_path, output_dir=str(tmp_path / "elsewhere"), max_prompts_per_call=2, seed=3)
+    rollout, logger = FakeRollout(comps), FakeLogger()
+    result = run_evaluation(cfg, rows, FakeTokenizer(), rollout, FakeRewards(), logger, 4, "step_000004")
+    assert [len(ids) for ids, _ in rollout.calls] == [2, 2, 1]  # eval.max_prompts_per_call
+    assert rollout.calls[0][1][rows[0].prompt_id] == eval_seed(3, rows[0].prompt_id)  # eval.seed
+    assert result.ks == (1, 2)
+    out = tmp_path / "elsewhere"
+    assert sorted(p.name for p in out.iterdir()) == ["step_000004.csv", "step_000004.json", "step_000004.png"]
+    assert logger.images == [("eval/plot_step_000004", str(out / "step_000004.png"), 4)]
+    assert not (tmp_path / "run" / "eval").exists()
+    plot = plot_training_evals(cfg, {"start": result, "end": result}, len(rows))
+    assert plot == str(out / "pass_at_k_start_vs_end.png") and Path(plot).is_file()
+
+
+def test_in_training_evaluation_defaults_to_the_run_dir_and_says_which_keys_it_cannot_honour(tmp_path, caplog):
+    import logging
+
+    from rlsys.eval import run_evaluation
+
+    rows, comps = countdown_setup()
+    cfg = _train_cfg(tmp_path, temperature=0.25, max_tokens=7)
+    with caplog.at_level(logging.WARNING, logger="rlsys.eval"):
+        run_evaluation(cfg, rows, FakeTokenizer(), FakeRollout(comps), FakeRewards(), FakeLogger(), 0, "start")
+    assert (tmp_path / "run" / "eval" / "start.json").is_file()
+    assert "eval.temperature=0.25 / eval.max_tokens=7 apply to python -m rlsys.eval only" in caplog.text
+
+
+def test_eval_rows_and_pool_rows_come_from_the_one_loader(tmp_path):
+    import dataclasses
+
+    from rlsys import data
+    from rlsys.config import RLConfig
+    from rlsys.difficulty import load_pool_rows
+    from rlsys.eval import load_eval_rows
+
+    cfg = RLConfig()
+    cfg = dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(cfg.eval, num_prompts=3, seed=2, split="ood"),
+        difficulty=dataclasses.replace(cfg.difficulty, pool_size=4),
+    )
+    assert load_eval_rows is data.load_eval_rows and load_pool_rows is data.load_pool_rows
+    assert load_eval_rows(cfg) == get_task("countdown").generate("ood", 3, seed=2)
+    assert load_pool_rows(cfg) == get_task("countdown").generate("train", 4, seed=cfg.trainer.seed)
+    assert (
+        data.load_train_rows(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_train=9, limit=5)))
+        == get_task("countdown").generate("train", 9, seed=cfg.trainer.seed)[:5]
+    )

@@ -10,7 +10,7 @@ import pytest
 
 from rlsys import hardware
 from rlsys.config import ConfigError, RLConfig, resolve, resolve_dtype
-from rlsys.hardware import Probe, choose_dtype, native_bf16
+from rlsys.hardware import Probe, choose_dtype
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
@@ -19,29 +19,54 @@ AMX = AVX512 | {"amx_bf16", "amx_tile"}
 
 
 def cpu(flags, cap="AVX512", isa=""):
-    return Probe(device="cpu", cpu_flags=frozenset(flags), torch_cpu_capability=cap, onednn_max_isa=isa,
-                 machine="x86_64")
+    return Probe(
+        device="cpu", cpu_flags=frozenset(flags), torch_cpu_capability=cap, onednn_max_isa=isa, machine="x86_64"
+    )
 
 
-@pytest.mark.parametrize("probe, dtype, reason", [
-    (Probe("cuda", (9, 0), "NVIDIA H200"), "bfloat16", "cuda NVIDIA H200 (compute capability 9.0 >= 8.0) -> bfloat16"),
-    (Probe("cuda", (8, 0)), "bfloat16", "cuda (compute capability 8.0 >= 8.0) -> bfloat16"),
-    (Probe("cuda", (7, 5), "Tesla T4"), "float32", "cuda Tesla T4 (compute capability 7.5 < 8.0: no native bf16) -> float32"),
-    (Probe("cuda", None), "bfloat16", "cuda workers (capability not visible from this process; assuming >= 8.0) -> bfloat16"),
-    (cpu(AVX2, "AVX2"), "float32", "cpu: AVX2 without AVX512_BF16 or AMX-BF16 -> float32"),
-    (cpu(AVX512, "AVX512"), "float32", "cpu: AVX-512 without AVX512_BF16 or AMX-BF16 -> float32"),
-    (cpu(AVX512_BF16), "bfloat16", "cpu: AVX512_BF16 -> bfloat16"),
-    (cpu(AMX), "bfloat16", "cpu: AMX_BF16 -> bfloat16"),
-    (cpu(AMX | {"avx512_bf16"}, isa="AVX512_CORE_AMX"), "bfloat16", "cpu: AVX512_BF16/AMX_BF16 -> bfloat16"),
-    # An AVX2-only CPU emulated on a newer one: the flags are there, the ISA is capped.
-    (cpu(AVX512_BF16, cap="AVX2"), "float32",
-     "cpu: has AVX512_BF16 but PyTorch is capped at AVX2 (ATEN_CPU_CAPABILITY) -> float32"),
-    (cpu(AVX512_BF16, isa="AVX2"), "float32",
-     "cpu: has AVX512_BF16 but oneDNN is capped at AVX2 (ONEDNN_MAX_CPU_ISA) -> float32"),
-    (cpu(AVX512_BF16, isa="AVX512_CORE"), "float32",
-     "cpu: has AVX512_BF16 but oneDNN is capped at AVX512_CORE (ONEDNN_MAX_CPU_ISA) -> float32"),
-    (Probe("cpu", machine="aarch64"), "float32", "cpu: aarch64 without AVX512_BF16 or AMX-BF16 -> float32"),
-])
+@pytest.mark.parametrize(
+    "probe, dtype, reason",
+    [
+        (
+            Probe("cuda", (9, 0), "NVIDIA H200"),
+            "bfloat16",
+            "cuda NVIDIA H200 (compute capability 9.0 >= 8.0) -> bfloat16",
+        ),
+        (Probe("cuda", (8, 0)), "bfloat16", "cuda (compute capability 8.0 >= 8.0) -> bfloat16"),
+        (
+            Probe("cuda", (7, 5), "Tesla T4"),
+            "float32",
+            "cuda Tesla T4 (compute capability 7.5 < 8.0: no native bf16) -> float32",
+        ),
+        (
+            Probe("cuda", None),
+            "bfloat16",
+            "cuda workers (capability not visible from this process; assuming >= 8.0) -> bfloat16",
+        ),
+        (cpu(AVX2, "AVX2"), "float32", "cpu: AVX2 without AVX512_BF16 or AMX-BF16 -> float32"),
+        (cpu(AVX512, "AVX512"), "float32", "cpu: AVX-512 without AVX512_BF16 or AMX-BF16 -> float32"),
+        (cpu(AVX512_BF16), "bfloat16", "cpu: AVX512_BF16 -> bfloat16"),
+        (cpu(AMX), "bfloat16", "cpu: AMX_BF16 -> bfloat16"),
+        (cpu(AMX | {"avx512_bf16"}, isa="AVX512_CORE_AMX"), "bfloat16", "cpu: AVX512_BF16/AMX_BF16 -> bfloat16"),
+        # An AVX2-only CPU emulated on a newer one: the flags are there, the ISA is capped.
+        (
+            cpu(AVX512_BF16, cap="AVX2"),
+            "float32",
+            "cpu: has AVX512_BF16 but PyTorch is capped at AVX2 (ATEN_CPU_CAPABILITY) -> float32",
+        ),
+        (
+            cpu(AVX512_BF16, isa="AVX2"),
+            "float32",
+            "cpu: has AVX512_BF16 but oneDNN is capped at AVX2 (ONEDNN_MAX_CPU_ISA) -> float32",
+        ),
+        (
+            cpu(AVX512_BF16, isa="AVX512_CORE"),
+            "float32",
+            "cpu: has AVX512_BF16 but oneDNN is capped at AVX512_CORE (ONEDNN_MAX_CPU_ISA) -> float32",
+        ),
+        (Probe("cpu", machine="aarch64"), "float32", "cpu: aarch64 without AVX512_BF16 or AMX-BF16 -> float32"),
+    ],
+)
 def test_auto_per_hardware(probe, dtype, reason):
     choice = choose_dtype("auto", probe)
     assert (choice.dtype, choice.reason) == (dtype, reason)
@@ -91,12 +116,14 @@ def test_resolve_dtype_asks_every_device_the_job_computes_on():
         seen.append(device)
         return Probe("cuda", (9, 0)) if device == "cuda" else cpu(AVX2, "AVX2")
 
-    gpu_learners = dataclasses.replace(RLConfig(), learner=dataclasses.replace(RLConfig().learner,
-                                                                               num_gpus_per_worker=1.0))
+    gpu_learners = dataclasses.replace(
+        RLConfig(), learner=dataclasses.replace(RLConfig().learner, num_gpus_per_worker=1.0)
+    )
     assert resolve_dtype(gpu_learners, probe).model.dtype == "float32"  # the CPU rollout engine decides
     assert sorted(seen) == ["cpu", "cuda"]
-    all_gpu = dataclasses.replace(gpu_learners, rollout=dataclasses.replace(gpu_learners.rollout,
-                                                                            num_gpus_per_worker=1.0))
+    all_gpu = dataclasses.replace(
+        gpu_learners, rollout=dataclasses.replace(gpu_learners.rollout, num_gpus_per_worker=1.0)
+    )
     out = resolve_dtype(all_gpu, probe)
     assert (out.model.dtype, out.model.dtype_reason) == ("bfloat16", "cuda (compute capability 9.0 >= 8.0) -> bfloat16")
 
@@ -118,9 +145,13 @@ def test_sft_cache_key_follows_the_resolved_dtype(tmp_path):
 def _resolve_in_subprocess(**caps: str) -> tuple[str, str]:
     """(dtype, reason) that a fresh process resolves ``model.dtype=auto`` to, with these ISA caps."""
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
-    code = "from rlsys.config import RLConfig, resolve; m = resolve(RLConfig()).model; print(m.dtype, m.dtype_reason, sep='|')"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, **caps}, capture_output=True, text=True,
-                         timeout=120, check=True)
+    code = (
+        "from rlsys.config import RLConfig, resolve; m = resolve(RLConfig()).model; "
+        "print(m.dtype, m.dtype_reason, sep='|')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, **caps}, capture_output=True, text=True, timeout=120, check=True
+    )
     dtype, reason = out.stdout.strip().splitlines()[-1].split("|")
     return dtype, reason
 

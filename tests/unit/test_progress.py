@@ -24,11 +24,27 @@ def lines_tracker(total, clock, **kw):
     return Progress(total, kw.pop("desc", "step"), bar=False, clock=clock, **kw)
 
 
-@pytest.mark.parametrize("seconds, text", [
-    (0, "0.0s"), (4.24, "4.2s"), (9.96, "10s"), (35.4, "35s"), (59.6, "1m00s"), (250, "4m10s"),
-    (3599.4, "59m59s"), (3600, "1h00m"), (3725, "1h02m"), (86340, "23h59m"), (86399, "1d00h"), (86400 + 3 * 3600, "1d03h"),
-    (-3, "0.0s"), (None, "?"), (float("nan"), "?"), (float("inf"), "?"),
-])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0, "0.0s"),
+        (4.24, "4.2s"),
+        (9.96, "10s"),
+        (35.4, "35s"),
+        (59.6, "1m00s"),
+        (250, "4m10s"),
+        (3599.4, "59m59s"),
+        (3600, "1h00m"),
+        (3725, "1h02m"),
+        (86340, "23h59m"),
+        (86399, "1d00h"),
+        (86400 + 3 * 3600, "1d03h"),
+        (-3, "0.0s"),
+        (None, "?"),
+        (float("nan"), "?"),
+        (float("inf"), "?"),
+    ],
+)
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
 
@@ -50,7 +66,7 @@ def test_eta_math_on_an_injected_clock():
     p.update(4, emit=False)
     assert p.elapsed == pytest.approx(20)
     assert p.rate == pytest.approx(0.2)
-    assert p.eta == pytest.approx(30)          # 6 left at 0.2/s
+    assert p.eta == pytest.approx(30)  # 6 left at 0.2/s
     assert p.timing() == "20s elapsed, ETA 30s, 5.00 s/step"
     assert p.counts() == "4/10 (40%)"
     clock.t += 10
@@ -79,8 +95,10 @@ def test_line_format():
     p = lines_tracker(600, clock, desc="SFT step")
     clock.t += 74.4
     p.update(120, emit=False)
-    assert p.line("batch NLL/token 0.853") == \
-        "SFT step 120/600 (20%) | batch NLL/token 0.853 | 1m14s elapsed, ETA 4m58s, 1.6 step/s"
+    assert (
+        p.line("batch NLL/token 0.853")
+        == "SFT step 120/600 (20%) | batch NLL/token 0.853 | 1m14s elapsed, ETA 4m58s, 1.6 step/s"
+    )
     q = lines_tracker(8, clock, desc="eval: sampled", unit="prompt", counts_fmt="{done}/{total} prompts x 4 ({pct}%)")
     assert q.line().startswith("eval: sampled 0/8 prompts x 4 (0%) | 0.0s elapsed, ETA ?")
     assert lines_tracker(0, clock).counts() == "0/0 (100%)"
@@ -107,17 +125,17 @@ def test_forced_lines_reset_the_timer_and_suppressed_lines_do_not(caplog):
     p = lines_tracker(50, clock, interval_s=10)
     with caplog.at_level(logging.INFO, logger="test.progress"):
         clock.t += 1
-        assert p.update(1)               # first
+        assert p.update(1)  # first
         clock.t += 8
-        assert p.update(2, emit=True)    # forced (e.g. a log_every point), resets the timer
+        assert p.update(2, emit=True)  # forced (e.g. a log_every point), resets the timer
         clock.t += 9
-        assert not p.update(3)           # 9 s after the forced line: not due
+        assert not p.update(3)  # 9 s after the forced line: not due
         clock.t += 1
-        assert p.update(4)               # 10 s: due
+        assert p.update(4)  # 10 s: due
         clock.t += 100
         assert not p.update(5, emit=False)
-        assert p.update(50)              # the last unit
-        assert not p.update(50)          # only once
+        assert p.update(50)  # the last unit
+        assert not p.update(50)  # only once
     assert len(caplog.records) == 4
 
 

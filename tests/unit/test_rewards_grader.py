@@ -32,9 +32,7 @@ def req(i: int, completion: str, answer: str = "1", verifier: str = "math", prom
 
 @pytest.fixture(scope="module")
 def grader() -> Iterator[RewardGrader]:
-    g = RewardGrader(
-        num_procs=2, timeout_s=TIMEOUT_S, allowed_functions=[f"{REWARD_FNS}:*"], memory_limit_mb=512
-    )
+    g = RewardGrader(num_procs=2, timeout_s=TIMEOUT_S, allowed_functions=[f"{REWARD_FNS}:*"], memory_limit_mb=512)
     yield g
     g.close()
 
@@ -188,7 +186,9 @@ def test_allow_list_threshold_and_module_specs(monkeypatch: pytest.MonkeyPatch) 
             g.validate_specs(["reward_fns:returns_float", "reward_fns:returns_bool"])
         with pytest.raises(ValueError, match="is not allowed"):
             g.grade([req(0, "1", verifier=fn("returns_float"))])  # the file form is a different spec
-        grades = g.grade([req(0, "0.6", verifier="reward_fns:returns_float"), req(1, "0.4", verifier="reward_fns:returns_float")])
+        grades = g.grade(
+            [req(0, "0.6", verifier="reward_fns:returns_float"), req(1, "0.4", verifier="reward_fns:returns_float")]
+        )
         assert [(x.reward, x.correct) for x in grades] == [(0.6, True), (0.4, False)]
         pids = [c.process.pid for c in g._sandbox._children]
     for pid in pids:  # close() killed and reaped the children

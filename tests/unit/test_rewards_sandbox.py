@@ -249,7 +249,7 @@ def test_multi_megabyte_answers_never_reach_a_child(grader: RewardGrader, monkey
     shipped: list[int] = []
     real_run = grader._sandbox.run
 
-    def recording_run(jobs):  # type: ignore[no-untyped-def]
+    def recording_run(jobs):
         shipped.extend(len(j.completion) + len(j.answer) for j in jobs)
         return real_run(jobs)
 
@@ -297,8 +297,12 @@ def test_grade_failure_sets_the_status() -> None:
         ("import os\nos.symlink('/etc/passwd', 'p')\n", GRADE_ERROR, "os.symlink"),
         ("open('../x', 'w')\n", GRADE_ERROR, "'..' in a path"),
         # Output cap: flooding every descriptor hits the report channel too.
-        ("import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'x' * 100000)\n    except OSError:\n        pass\n",
-         GRADE_INVALID, "over 65536 bytes"),
+        (
+            "import os\nfor fd in range(3, 64):\n    try:\n"
+            "        os.write(fd, b'x' * 100000)\n    except OSError:\n        pass\n",
+            GRADE_INVALID,
+            "over 65536 bytes",
+        ),
     ],
 )
 def test_run_code_statuses(code: str, status: str, detail: str) -> None:
@@ -311,16 +315,19 @@ def test_run_code_statuses(code: str, status: str, detail: str) -> None:
     "code",
     [
         "import os\nos._exit(0)\n",  # "exited cleanly" is not "passed"
-        "import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'\\ntoken pass \\n')\n    except OSError:\n        pass\n"
+        "import os\nfor fd in range(64):\n    try:\n"
+        "        os.write(fd, b'\\ntoken pass \\n')\n    except OSError:\n        pass\n"
         "os._exit(0)\n",
         "class A:\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return A()\n",
-        "import builtins\nbuiltins.type = lambda o: int\ntype = lambda o: int\nclass A(int):\n    def __eq__(self, o):\n"
+        "import builtins\nbuiltins.type = lambda o: int\n"
+        "type = lambda o: int\nclass A(int):\n    def __eq__(self, o):\n"
         "        return True\ndef f(x):\n    return A(0)\n",
         "import builtins, threading\ndef patch():\n    while True:\n        builtins.type = lambda o: int\n"
         "threading.Thread(target=patch, daemon=True).start()\nclass A(int):\n    def __eq__(self, o):\n"
         "        return True\ndef f(x):\n    return A(0)\n",
         "import sys\ndef f(x):\n    sys._getframe(1).f_locals\n    return 9\n",  # frames are not inspectable
-        "def f(x):\n    try:\n        raise ValueError\n    except ValueError as e:\n        e.__traceback__.tb_frame\n    return 9\n",
+        "def f(x):\n    try:\n        raise ValueError\n    except ValueError as e:\n"
+        "        e.__traceback__.tb_frame\n    return 9\n",
         "def g():\n    yield\nit = g()\nit.gi_frame.f_back\ndef f(x):\n    return 9\n",
         "import sys\nsys.settrace(lambda *a: None)\ndef f(x):\n    return 9\n",
         # Patching what the runner or its audit hook would look up after the code ran.
@@ -338,10 +345,12 @@ def test_code_cannot_forge_a_pass(code: str) -> None:
     "code",
     [
         "import builtins\nbuiltins.any = lambda it: True\n",
-        "import sys\nsys.modules['__main__']._READ_EVENTS = frozenset()\nsys.modules['__main__']._DENIED_EVENTS = frozenset()\n",
+        "import sys\nsys.modules['__main__']._READ_EVENTS = frozenset()\n"
+        "sys.modules['__main__']._DENIED_EVENTS = frozenset()\n",
         "import posixpath\nposixpath._joinrealpath = lambda *a: ('/dev/null', True)\n",
         "import os\nos.lstat = lambda p: None\nos.fspath = lambda p: '/dev/null'\n",
-        "class S(str):\n    def split(self, *a):\n        return ['x']\n    def startswith(self, *a):\n        return True\n"
+        "class S(str):\n    def split(self, *a):\n        return ['x']\n"
+        "    def startswith(self, *a):\n        return True\n"
         "open = lambda p, _open=open: _open(S(p))\n",
     ],
 )
@@ -367,7 +376,11 @@ def test_code_execution_task_through_the_grader_keeps_its_child(grader: RewardGr
     )
     elapsed = time.monotonic() - start
     assert [(g.status, g.reward) for g in grades] == [
-        (GRADE_OK, 1.0), (GRADE_OK, 0.0), (GRADE_TIMEOUT, 0.0), (GRADE_ERROR, 0.0), (GRADE_OK, 0.0),
+        (GRADE_OK, 1.0),
+        (GRADE_OK, 0.0),
+        (GRADE_TIMEOUT, 0.0),
+        (GRADE_ERROR, 0.0),
+        (GRADE_OK, 0.0),
     ]
     # The hung code was killed by the launcher inside the job's own time, so the verifier process
     # itself survived: no restart (a restart would re-import math-verify).

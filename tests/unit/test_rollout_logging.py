@@ -41,8 +41,11 @@ def test_level_and_benign_warning(vllm_logger):
     child.warning("%s: Failed to load weights", "QKVParallelLinear")
     child.error("engine died")
     logging.getLogger("vllm.other").warning("some other warning")
-    assert [r.getMessage() for r in records] == ["QKVParallelLinear: Failed to load weights", "engine died",
-                                                 "some other warning"]
+    assert [r.getMessage() for r in records] == [
+        "QKVParallelLinear: Failed to load weights",
+        "engine died",
+        "some other warning",
+    ]
 
 
 def test_info_level_keeps_info(vllm_logger):

@@ -49,20 +49,35 @@ def test_key_is_stable_and_ignores_dict_order():
 def test_key_is_the_same_in_another_process_with_another_hash_seed(base):
     """No salted hash() anywhere: the key of a config is a fixed function of its settings."""
     here = key_of(RLConfig(), base)
-    code = ("from rlsys import sft; from rlsys.config import RLConfig; import sys; "
-            "print(sft.sft_cache_key(sft.sft_settings(RLConfig(), sys.argv[1])))")
+    code = (
+        "from rlsys import sft; from rlsys.config import RLConfig; import sys; "
+        "print(sft.sft_cache_key(sft.sft_settings(RLConfig(), sys.argv[1])))"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code, base], capture_output=True, text=True, env=env, cwd=ROOT,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, base], capture_output=True, text=True, env=env, cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == here
 
 
-@pytest.mark.parametrize("section,field,value", [
-    ("sft", "steps", 301), ("sft", "batch_size", 32), ("sft", "lr", 1e-3), ("sft", "warmup_steps", 0),
-    ("sft", "num_examples", 100), ("sft", "seed", 1), ("sft", "dtype", "float32"),
-    ("sft", "max_response_tokens", 16), ("data", "task", "sort"), ("model", "dtype", "float32"),
-    ("learner", "weight_decay", 0.1), ("learner", "beta1", 0.8), ("learner", "grad_clip", 0.5),
-])
+@pytest.mark.parametrize(
+    "section,field,value",
+    [
+        ("sft", "steps", 301),
+        ("sft", "batch_size", 32),
+        ("sft", "lr", 1e-3),
+        ("sft", "warmup_steps", 0),
+        ("sft", "num_examples", 100),
+        ("sft", "seed", 1),
+        ("sft", "dtype", "float32"),
+        ("sft", "max_response_tokens", 16),
+        ("data", "task", "sort"),
+        ("model", "dtype", "float32"),
+        ("learner", "weight_decay", 0.1),
+        ("learner", "beta1", 0.8),
+        ("learner", "grad_clip", 0.5),
+    ],
+)
 def test_key_changes_with_every_setting_that_changes_the_weights(base, section, field, value):
     cfg = RLConfig()
     before = key_of(cfg, base)
@@ -70,15 +85,29 @@ def test_key_changes_with_every_setting_that_changes_the_weights(base, section, 
     assert key_of(cfg, base) != before
 
 
-@pytest.mark.parametrize("section,field,value", [
-    ("sft", "output_dir", "/somewhere"), ("sft", "enabled", False), ("sft", "log_every", 7),
-    ("sft", "eval_prompts", 0), ("sft", "eval_samples", 4), ("sft", "micro_batch_size", 64),
-    ("sft", "num_workers", 1),
-    ("learner", "num_workers", 2), ("learner", "zero_stage", 3), ("learner", "micro_batch_size", 2),
-    ("trainer", "seed", 5), ("trainer", "total_steps", 1000), ("algo", "gamma", 1.0),
-    ("rollout", "temperature", 0.7), ("rollout", "max_tokens", 16), ("cluster", "num_cpus", 8),
-    ("learner", "lr", 1e-3), ("data", "num_train", 100),
-])
+@pytest.mark.parametrize(
+    "section,field,value",
+    [
+        ("sft", "output_dir", "/somewhere"),
+        ("sft", "enabled", False),
+        ("sft", "log_every", 7),
+        ("sft", "eval_prompts", 0),
+        ("sft", "eval_samples", 4),
+        ("sft", "micro_batch_size", 64),
+        ("sft", "num_workers", 1),
+        ("learner", "num_workers", 2),
+        ("learner", "zero_stage", 3),
+        ("learner", "micro_batch_size", 2),
+        ("trainer", "seed", 5),
+        ("trainer", "total_steps", 1000),
+        ("algo", "gamma", 1.0),
+        ("rollout", "temperature", 0.7),
+        ("rollout", "max_tokens", 16),
+        ("cluster", "num_cpus", 8),
+        ("learner", "lr", 1e-3),
+        ("data", "num_train", 100),
+    ],
+)
 def test_key_ignores_settings_that_cannot_change_the_weights(base, section, field, value):
     """Layout (ranks, ZeRO stage, micro-batches) leaves the gradient exact; RL settings are not SFT's."""
     cfg = RLConfig()
@@ -137,8 +166,13 @@ def stream(seed=0, batch_size=8, n=20, cap=64):
     task = get_task("countdown")
     rows = task.generate("train", n, seed=0)
     prompts = [[i + 1] for i in range(n)]  # prompt i is the single token i + 1: identifies the row
-    return task, rows, sft.SFTBatches(task, rows, prompts, CharTokenizer(), eos_id=2, batch_size=batch_size,
-                                      seed=seed, max_response_tokens=cap)
+    return (
+        task,
+        rows,
+        sft.SFTBatches(
+            task, rows, prompts, CharTokenizer(), eos_id=2, batch_size=batch_size, seed=seed, max_response_tokens=cap
+        ),
+    )
 
 
 def test_stream_is_deterministic_and_seeded():
@@ -208,12 +242,19 @@ def test_nll_batch_is_a_grpo_batch_with_unit_advantages():
 # ---- config -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("dtype", "float16", "sft.dtype"), ("micro_batch_size", 0, "sft.micro_batch_size"),
-    ("max_response_tokens", 0, "sft.max_response_tokens"), ("warmup_steps", -1, "sft.warmup_steps"),
-    ("log_every", 0, "sft.log_every"), ("eval_prompts", -1, "sft.eval_prompts"),
-    ("eval_samples", 0, "sft.eval_samples"), ("num_workers", 0, "sft.num_workers"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("dtype", "float16", "sft.dtype"),
+        ("micro_batch_size", 0, "sft.micro_batch_size"),
+        ("max_response_tokens", 0, "sft.max_response_tokens"),
+        ("warmup_steps", -1, "sft.warmup_steps"),
+        ("log_every", 0, "sft.log_every"),
+        ("eval_prompts", -1, "sft.eval_prompts"),
+        ("eval_samples", 0, "sft.eval_samples"),
+        ("num_workers", 0, "sft.num_workers"),
+    ],
+)
 def test_validate_sft_names_the_key(field, value, match):
     cfg = RLConfig()
     setattr(cfg.sft, field, value)
@@ -221,13 +262,16 @@ def test_validate_sft_names_the_key(field, value, match):
         sft.validate_sft(cfg)
 
 
-@pytest.mark.parametrize("sft_workers,learners,gpus,cpus,expected", [
-    (None, 1, 0.0, 3, 2),  # the default job on a 2-core machine: both cores train
-    (None, 1, 0.0, 1, 1),  # a 1-CPU cluster: one rank
-    (None, 4, 0.0, 8, 4),  # never fewer than the RL learners
-    (None, 1, 1.0, 8, 1),  # GPU learners: exactly learner.num_workers (GPUs are not oversubscribed)
-    (3, 1, 0.0, 1, 3),  # explicit: taken as given (_check_resources then refuses what does not fit)
-])
+@pytest.mark.parametrize(
+    "sft_workers,learners,gpus,cpus,expected",
+    [
+        (None, 1, 0.0, 3, 2),  # the default job on a 2-core machine: both cores train
+        (None, 1, 0.0, 1, 1),  # a 1-CPU cluster: one rank
+        (None, 4, 0.0, 8, 4),  # never fewer than the RL learners
+        (None, 1, 1.0, 8, 1),  # GPU learners: exactly learner.num_workers (GPUs are not oversubscribed)
+        (3, 1, 0.0, 1, 3),  # explicit: taken as given (_check_resources then refuses what does not fit)
+    ],
+)
 def test_sft_learner_count(sft_workers, learners, gpus, cpus, expected):
     cfg = RLConfig()
     cfg.sft.num_workers, cfg.learner.num_workers, cfg.learner.num_gpus_per_worker = sft_workers, learners, gpus
@@ -283,5 +327,11 @@ def test_settings_are_json_and_complete(base):
     assert s["format_version"] == sft.FORMAT_VERSION
     assert s["base_model_identity"] == {"build_record": {"format_version": 1, "size": "tiny", "seed": 0}}
     assert {f.name for f in dataclasses.fields(RLConfig().sft)} - {
-        "output_dir", "enabled", "log_every", "eval_prompts", "eval_samples", "micro_batch_size",
-        "num_workers"} <= set(s)
+        "output_dir",
+        "enabled",
+        "log_every",
+        "eval_prompts",
+        "eval_samples",
+        "micro_batch_size",
+        "num_workers",
+    } <= set(s)

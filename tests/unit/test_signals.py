@@ -38,8 +38,14 @@ def controller(st=None, grace_s=1e9, clock=time.monotonic):
         raise Exited(code)
 
     out = io.StringIO()
-    ctl = signals.StopController(st or signals.Status(app="rlsys.train", command="python -m rlsys.train"),
-                                 grace_s, kill_tree=kill_tree, exit_now=exit_now, stream=out, clock=clock)
+    ctl = signals.StopController(
+        st or signals.Status(app="rlsys.train", command="python -m rlsys.train"),
+        grace_s,
+        kill_tree=kill_tree,
+        exit_now=exit_now,
+        stream=out,
+        clock=clock,
+    )
     return ctl, calls, out
 
 
@@ -76,28 +82,45 @@ def test_interrupted_is_not_an_exception():
 def test_rerun_command_replaces_output_dir_and_resume():
     argv = ["algo=grpo", "run.output_dir=rel/dir", "run.resume=never", "trainer.total_steps=5", "eval.k=[1,4]"]
     cmd = signals.rerun_command("rlsys.train", argv, "/abs/run dir")
-    assert cmd == ("python -m rlsys.train algo=grpo trainer.total_steps=5 'eval.k=[1,4]' "
-                   "'run.output_dir=/abs/run dir' run.resume=auto")
+    assert cmd == (
+        "python -m rlsys.train algo=grpo trainer.total_steps=5 'eval.k=[1,4]' "
+        "'run.output_dir=/abs/run dir' run.resume=auto"
+    )
     assert signals.rerun_command("rlsys.sft", ["sft.steps=20"]) == "python -m rlsys.sft sft.steps=20"
 
 
 def test_stop_line():
-    st = signals.Status(app="rlsys.train", phase="train", step=7, total_steps=80, output_dir="/r",
-                        command="python -m rlsys.train run.output_dir=/r run.resume=auto")
+    st = signals.Status(
+        app="rlsys.train",
+        phase="train",
+        step=7,
+        total_steps=80,
+        output_dir="/r",
+        command="python -m rlsys.train run.output_dir=/r run.resume=auto",
+    )
     assert signals.stop_line(signal.SIGINT, st, "/r/checkpoints/step_000005") == (
         "rlsys: interrupted by SIGINT during train at step 7/80; last complete checkpoint: "
-        "/r/checkpoints/step_000005; resume with: python -m rlsys.train run.output_dir=/r run.resume=auto")
+        "/r/checkpoints/step_000005; resume with: python -m rlsys.train run.output_dir=/r run.resume=auto"
+    )
     assert "last complete checkpoint: none;" in signals.stop_line(signal.SIGTERM, st, None)
     sft = signals.Status(app="rlsys.sft", phase="sft", command="python -m rlsys.sft")
     assert signals.stop_line(signal.SIGTERM, sft, None) == (
-        "rlsys: interrupted by SIGTERM during sft; no partial result was kept; run it again with: python -m rlsys.sft")
+        "rlsys: interrupted by SIGTERM during sft; no partial result was kept; run it again with: python -m rlsys.sft"
+    )
 
 
 def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
     st = signals.Status(output_dir=str(tmp_path))
     assert signals.last_checkpoint(st) is None
-    state = ckpt.DriverState(step=3, sampler=SamplerState(epoch=0, cursor=0), weight_version=3,
-                             wandb_run_id=None, skipped_in_a_row=0, first_reward=0.0, eval_before={})
+    state = ckpt.DriverState(
+        step=3,
+        sampler=SamplerState(epoch=0, cursor=0),
+        weight_version=3,
+        wandb_run_id=None,
+        skipped_in_a_row=0,
+        first_reward=0.0,
+        eval_before={},
+    )
     done = ckpt.commit(ckpt.begin(tmp_path, 3), state, keep=2)
     ckpt.begin(tmp_path, 4)  # being written when the signal came
     assert signals.last_checkpoint(st) == str(done)
@@ -108,8 +131,15 @@ def test_checkpoint_begin_tracks_and_commit_untracks(tmp_path, restore_signals):
     signals.status.partial.clear()
     tmp = ckpt.begin(tmp_path, 1)
     assert str(tmp) in signals.status.partial
-    state = ckpt.DriverState(step=1, sampler=SamplerState(epoch=0, cursor=0), weight_version=1,
-                             wandb_run_id=None, skipped_in_a_row=0, first_reward=0.0, eval_before={})
+    state = ckpt.DriverState(
+        step=1,
+        sampler=SamplerState(epoch=0, cursor=0),
+        weight_version=1,
+        wandb_run_id=None,
+        skipped_in_a_row=0,
+        first_reward=0.0,
+        eval_before={},
+    )
     ckpt.commit(tmp, state, keep=2)
     assert not signals.status.partial
     # An interrupted save: tracked, then removed by the stop.
@@ -148,8 +178,14 @@ def test_handler_first_then_fd_is_one_signal():
 
 
 def test_second_signal_kills_at_once_with_the_first_signals_code():
-    st = signals.Status(app="rlsys.train", phase="sync", step=2, total_steps=3, output_dir="/nonexistent",
-                        command="python -m rlsys.train run.output_dir=/nonexistent run.resume=auto")
+    st = signals.Status(
+        app="rlsys.train",
+        phase="sync",
+        step=2,
+        total_steps=3,
+        output_dir="/nonexistent",
+        command="python -m rlsys.train run.output_dir=/nonexistent run.resume=auto",
+    )
     ctl, calls, out = controller(st)
     ctl.seen(signal.SIGTERM, "fd")
     with pytest.raises(Exited) as e:
@@ -205,17 +241,16 @@ def test_watchdog_kills_when_the_grace_runs_out():
 def test_context_on_a_real_sigint(restore_signals, tmp_path):
     partial = tmp_path / "checkpoints" / ".step_000002.tmp-0000"
     ctl, calls, out = controller(signals.status)
-    with pytest.raises(SystemExit) as e:
-        with signals.stop_on_signals("rlsys.train", ["a=1"], controller=ctl) as st:
-            st.output_dir = str(tmp_path)
-            st.command = signals.rerun_command("rlsys.train", ["a=1"], str(tmp_path))
-            signals.set_phase("train", step=2, total_steps=3)
-            partial.mkdir(parents=True)
-            signals.track_partial(partial)
-            assert not signals.stopping()
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # interrupted at once
-            pytest.fail("the signal did not interrupt the work")
+    with pytest.raises(SystemExit) as e, signals.stop_on_signals("rlsys.train", ["a=1"], controller=ctl) as st:
+        st.output_dir = str(tmp_path)
+        st.command = signals.rerun_command("rlsys.train", ["a=1"], str(tmp_path))
+        signals.set_phase("train", step=2, total_steps=3)
+        partial.mkdir(parents=True)
+        signals.track_partial(partial)
+        assert not signals.stopping()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # interrupted at once
+        pytest.fail("the signal did not interrupt the work")
     assert e.value.code == 130 and calls == {"kill": 0, "exit": []}
     assert signals.stopping()
     assert not partial.exists()
@@ -229,13 +264,12 @@ def test_context_on_a_real_sigint(restore_signals, tmp_path):
 
 def test_context_error_while_unwinding_is_still_a_stop(restore_signals):
     ctl, calls, out = controller(signals.status)
-    with pytest.raises(SystemExit) as e:
-        with signals.stop_on_signals("rlsys.eval", [], controller=ctl):
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(5)
-            finally:
-                raise RuntimeError("an actor was already gone")  # clean-up failing after the signal
+    with pytest.raises(SystemExit) as e, signals.stop_on_signals("rlsys.eval", [], controller=ctl):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            raise RuntimeError("an actor was already gone")  # clean-up failing after the signal
     assert e.value.code == 143
     assert "rlsys: interrupted by SIGTERM during start-up; no partial result was kept" in out.getvalue()
 
@@ -247,12 +281,13 @@ def test_context_without_a_signal_changes_nothing(restore_signals):
         assert signal.getsignal(signal.SIGINT) == ctl.on_handler
         signals.set_phase("train", step=1)
     assert st.phase == "train"  # a normal end: no line, no exit
-    with pytest.raises(ValueError):
-        with signals.stop_on_signals("rlsys.train", [], controller=ctl):
-            raise ValueError("a bug")
-    with pytest.raises(SystemExit) as e:
-        with signals.stop_on_signals("rlsys.train", [], controller=controller(signals.status)[0]):
-            raise SystemExit(2)  # a config error: its own code
+    with pytest.raises(ValueError), signals.stop_on_signals("rlsys.train", [], controller=ctl):
+        raise ValueError("a bug")
+    with (
+        pytest.raises(SystemExit) as e,
+        signals.stop_on_signals("rlsys.train", [], controller=controller(signals.status)[0]),
+    ):
+        raise SystemExit(2)  # a config error: its own code
     assert e.value.code == 2
     assert {s: signal.getsignal(s) for s in signals.HANDLED} == before
     assert not signals.stopping() and out.getvalue() == ""
@@ -260,23 +295,23 @@ def test_context_without_a_signal_changes_nothing(restore_signals):
 
 def test_keyboard_interrupt_without_a_signal_is_a_sigint_stop(restore_signals):
     ctl, calls, out = controller(signals.status)
-    with pytest.raises(SystemExit) as e:
-        with signals.stop_on_signals("rlsys.sft", ["sft.steps=3"], controller=ctl):
-            raise KeyboardInterrupt  # e.g. what ray.get raises for a Ctrl-C
+    with pytest.raises(SystemExit) as e, signals.stop_on_signals("rlsys.sft", ["sft.steps=3"], controller=ctl):
+        raise KeyboardInterrupt  # e.g. what ray.get raises for a Ctrl-C
     assert e.value.code == 130
-    assert out.getvalue().splitlines()[-1] == ("rlsys: interrupted by SIGINT during start-up; no partial result was "
-                                               "kept; run it again with: python -m rlsys.sft sft.steps=3")
+    assert out.getvalue().splitlines()[-1] == (
+        "rlsys: interrupted by SIGINT during start-up; no partial result was "
+        "kept; run it again with: python -m rlsys.sft sft.steps=3"
+    )
 
 
 def test_reinstall_puts_the_handlers_back(restore_signals):
     ctl, _, _ = controller(signals.status)
-    with pytest.raises(SystemExit):
-        with signals.stop_on_signals("rlsys.train", [], controller=ctl):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init does, natively
-            signals.reinstall()
-            assert signal.getsignal(signal.SIGTERM) == ctl.on_handler
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+    with pytest.raises(SystemExit), signals.stop_on_signals("rlsys.train", [], controller=ctl):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init does, natively
+        signals.reinstall()
+        assert signal.getsignal(signal.SIGTERM) == ctl.on_handler
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
 
 
 def test_grace_defaults(monkeypatch):

@@ -12,8 +12,7 @@ from collections import Counter
 import pytest
 
 from rlsys.records import PromptRow
-from rlsys.tasks import TASKS, get_task
-from rlsys.tasks import countdown, sort
+from rlsys.tasks import TASKS, countdown, get_task, sort
 from rlsys.tasks.base import extract_answer, hash_split
 from rlsys.tasks.countdown import CountdownSpec, CountdownTask
 from rlsys.tasks.sort import SortSpec, SortTask
@@ -70,7 +69,7 @@ def test_countdown_answer_extraction_rules():
     assert not countdown.verify("7*5-6+2", CD_ANSWER)  # no marker
     assert not countdown.verify("answer: 7*5-6+2", CD_ANSWER)  # marker is case-sensitive
     assert not countdown.verify("Answer:", CD_ANSWER)
-    assert not countdown.verify(None, CD_ANSWER)  # type: ignore[arg-type]
+    assert not countdown.verify(None, CD_ANSWER)
     assert countdown.verify("Answer: ( 7 - 2 ) * 5 + 6", CD_ANSWER)  # spaces are fine
 
 
@@ -99,9 +98,15 @@ def test_countdown_hostile_inputs_are_fast():
 
 
 def test_countdown_bad_answer_json_raises():
-    for bad in ("not json", "[1,2]", '{"numbers":[1,2]}', '{"numbers":[1],"target":3}',
-                '{"numbers":[1,"2"],"target":3}', '{"numbers":[1,2],"target":3.5}',
-                '{"numbers":[true,2],"target":3}'):
+    for bad in (
+        "not json",
+        "[1,2]",
+        '{"numbers":[1,2]}',
+        '{"numbers":[1],"target":3}',
+        '{"numbers":[1,"2"],"target":3}',
+        '{"numbers":[1,2],"target":3.5}',
+        '{"numbers":[true,2],"target":3}',
+    ):
         with pytest.raises(ValueError):
             countdown.verify("Answer: 1+2", bad)
 
@@ -111,9 +116,11 @@ def test_countdown_canonical_forms():
     same = ["3+4*2", "2*4+3", "(4*2)+3", "3+(2*4)"]
     assert {countdown.canonical_answer(f"Answer: {e}", ans) for e in same} == {"4*2+3"}
     # moving terms across a subtraction: 9-(2-4) is not positive-intermediate but equals 9-2+4
-    assert countdown.canonical_answer("Answer: 9-(2-4)", ans) == countdown.canonical_answer(
-        "Answer: 4+9-2", ans
-    ) == "9+4-2"
+    assert (
+        countdown.canonical_answer("Answer: 9-(2-4)", ans)
+        == countdown.canonical_answer("Answer: 4+9-2", ans)
+        == "9+4-2"
+    )
     assert countdown.canonical_answer("Answer: 9+3", ans) is None  # wrong value
 
 
@@ -179,7 +186,7 @@ def test_countdown_prior_is_skewed_and_sampled():
     assert all(a > b for a, b in zip(weights, weights[1:]))
     assert weights[0] > 0.6 and weights[-1] < 0.1
     rng = random.Random(1)
-    counts = Counter(countdown.reference_solution(row, rng)[len("Answer: "):] for _ in range(4000))
+    counts = Counter(countdown.reference_solution(row, rng)[len("Answer: ") :] for _ in range(4000))
     top, p_top = prior[0]
     assert abs(counts[top] / 4000 - p_top) < 0.03
     assert counts[prior[-1][0]] > 0  # the rarest mode is still sampled sometimes
@@ -208,8 +215,16 @@ def test_sort_verifier():
     assert sort.verify("Answer: 0 1 2 3 5 8", ans)
     assert sort.verify("Answer: 0,1,2,3,5,8\n", ans)
     assert sort.verify("Answer: 1\nAnswer: 012358", ans)
-    for bad in ("Answer: 012385", "Answer: 01235", "Answer: 0123588", "Answer: 012358a",
-                "Answer: [0,1,2,3,5,8]", "012358", "Answer: ", "Answer: " + "0" * 100_000):
+    for bad in (
+        "Answer: 012385",
+        "Answer: 01235",
+        "Answer: 0123588",
+        "Answer: 012358a",
+        "Answer: [0,1,2,3,5,8]",
+        "012358",
+        "Answer: ",
+        "Answer: " + "0" * 100_000,
+    ):
         assert not sort.verify(bad, ans), bad
     with pytest.raises(ValueError):
         sort.verify("Answer: 1", "1a")

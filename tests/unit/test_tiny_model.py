@@ -106,15 +106,11 @@ def test_default_load_is_bf16_exact_upcast(model_dir, hf_model):
 
 def test_chat_template(hf_tok):
     user = [{"role": "user", "content": "Solve: 2+2=?"}]
-    assert hf_tok.apply_chat_template(user, tokenize=False) == (
-        "<|im_start|>user\nSolve: 2+2=?<|im_end|>\n"
-    )
+    assert hf_tok.apply_chat_template(user, tokenize=False) == ("<|im_start|>user\nSolve: 2+2=?<|im_end|>\n")
     with_sys = [{"role": "system", "content": "Be brief."}] + user
     rendered = hf_tok.apply_chat_template(with_sys, tokenize=False, add_generation_prompt=True)
     assert rendered == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nSolve: 2+2=?<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSolve: 2+2=?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert rendered.endswith("<|im_start|>assistant\n")
     full = user + [{"role": "assistant", "content": "\\boxed{4}"}]
@@ -284,7 +280,7 @@ def test_ensure_concurrent_builders_build_once(tmp_path, build_counter):
     def worker():
         try:
             results.append(tiny.ensure_tiny_model(size="tiny", seed=4, cache_dir=tmp_path))
-        except BaseException as exc:  # surfaced by the assertion below
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(2)]
