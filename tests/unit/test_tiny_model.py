@@ -298,5 +298,5 @@ def test_cli(tmp_path, capsys):
     assert tiny.main(["--size", "tiny", "--seed", "5", "--out", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == str(tmp_path / "cli")
-    assert out[1].startswith("params: 4")
+    assert out[1].startswith("params: 2230528 ")  # the 2-layer tiny model
     assert tiny.read_build_record(tmp_path / "cli")["seed"] == 5
