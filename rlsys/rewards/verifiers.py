@@ -68,14 +68,27 @@ class GradeFailure(Exception):
         self.detail = detail
 
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>[^\s{}$]+))")
+# "\\boxed{...}" / "\\fbox{...}", or "\\boxed 5" with one bare token (an escaped "\\$" may be part of it).
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>(?:\\\$|[^\s{}$])+))")
+# What may stand between two boxes for them to be read as one answer ("\\boxed{1}, \\boxed{2} and
+# \\boxed{3}"): whitespace, "," ";", the words "and"/"or" (also in \\text{}), math delimiters and
+# LaTeX spacing. Anything else (a word, a sentence) separates them: then only the last box counts.
+_BOX_SEPARATOR_RE = re.compile(
+    r"(?:\s|[,;$]|\band\b|\bor\b|\\[()\[\]]|\\q?quad\b|\\[,;:! ]|\\text\{\s*(?:(?:and|or|,)\s*)?\})*",
+    re.IGNORECASE,
+)
+# At most this many trailing boxes are joined into one answer, and only when at most this many
+# separator characters stand between two of them (both bound the work on hostile text).
+MAX_JOINED_BOXES = 32
+MAX_BOX_SEPARATOR_CHARS = 64
 # A line "Answer: ...", optionally "Final answer", optionally in markdown bold/italics or a quote/heading.
 _ANSWER_LINE_RE = re.compile(
     r"^[ \t>#*_]*(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*[:：][ \t]*[*_]*[ \t]*(?P<answer>.*?)[ \t]*$",
     re.IGNORECASE | re.MULTILINE,
 )
 _WHITESPACE_RE = re.compile(r"\s+")
-_LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed", "\\fbox")
+# Besides an unescaped "$" (see _unescaped_dollars: "\\$" is a currency sign, not a delimiter).
+_LATEX_DELIMITERS = ("\\(", "\\[", "\\boxed", "\\fbox")
 
 
 def truncate(text: str, max_chars: int = DEFAULT_MAX_DETAIL_CHARS) -> str:
@@ -104,8 +117,71 @@ def _balanced_braces(text: str, start: int) -> str | None:
     return None
 
 
+def _unescaped_dollars(text: str) -> list[int]:
+    """Positions of the ``$`` in ``text`` that are math delimiters, i.e. not escaped as ``\\$``.
+
+    A ``$`` is escaped when an odd number of backslashes precede it (``\\\\$`` is a line break, then a
+    delimiter).
+    """
+    positions = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # the escaped character, "$" included, is skipped
+            continue
+        if ch == "$":
+            positions.append(i)
+        i += 1
+    return positions
+
+
+def _has_math_dollar(text: str) -> bool:
+    return "$" in text and bool(_unescaped_dollars(text))
+
+
+def _box_content(text: str, match: re.Match[str]) -> tuple[int, str | None]:
+    """The end (just past the closing brace or bare token) and stripped content of one box match.
+
+    The content is None for a box never closed (it then ends with the text).
+    """
+    bare = match.group("bare")
+    if bare is not None:  # "\\boxed 5": a single bare token
+        return match.end(), bare.rstrip(".")
+    content = _balanced_braces(text, match.end())
+    if content is None:
+        return len(text), None
+    return match.end() + len(content) + 1, content.strip()
+
+
+def _final_boxed_answer(text: str, boxes: list[re.Match[str]]) -> str | None:
+    """The answer the trailing boxes of ``text`` state (see :func:`extract_final_answer`).
+
+    Only the last :data:`MAX_JOINED_BOXES` boxes are scanned, so the cost stays linear in the text.
+    """
+    last = boxes[-1]
+    start = last.start()
+    content = _box_content(text, last)[1]
+    if not content:
+        return None
+    contents = [content]
+    for prev in reversed(boxes[-MAX_JOINED_BOXES:-1]):
+        prev_end, prev_content = _box_content(text, prev)
+        if not prev_content or prev_end > start:
+            break  # an unclosed or empty box, or one that contains the next: stop joining
+        if start - prev_end > MAX_BOX_SEPARATOR_CHARS or not _BOX_SEPARATOR_RE.fullmatch(text, prev_end, start):
+            break
+        if prev_content != contents[-1]:  # "\\boxed{5} \\boxed{5}" states 5 once
+            contents.append(prev_content)
+        start = prev.start()
+    return ", ".join(reversed(contents))
+
+
 def _strip_decorations(answer: str) -> str:
-    """Strip what models wrap an "Answer:" value in: markdown emphasis, one ``$...$``, a final period."""
+    """Strip what models wrap an "Answer:" value in: markdown emphasis, one ``$...$``, a final period.
+
+    An escaped ``\\$`` is a currency sign, not a delimiter: ``$\\$5$`` becomes ``\\$5``, ``\\$5`` stays.
+    """
     answer = answer.strip()
     for _ in range(2):  # "**$42$**." needs two passes
         answer = answer.strip().rstrip(".").strip()
@@ -113,7 +189,14 @@ def _strip_decorations(answer: str) -> str:
             answer = answer[2:-2]
         elif len(answer) >= 2 and answer[0] == answer[-1] and answer[0] in "*_":
             answer = answer[1:-1]
-        if len(answer) >= 2 and answer.startswith("$") and answer.endswith("$") and answer.count("$") == 2:
+        elif answer and answer[-1] in "*_":
+            # "Answer: **42**": the line pattern ate the opening "**", so drop the closing one too
+            # (only when no other "*"/"_" is in the answer, and it is not x^* or an escaped \_).
+            mark = answer[-1]
+            body = answer.rstrip(mark)
+            if mark not in body and not body.endswith(("^", "\\")):
+                answer = body
+        if len(answer) >= 2 and _unescaped_dollars(answer) == [0, len(answer) - 1]:
             answer = answer[1:-1]
     return answer.strip()
 
@@ -121,23 +204,28 @@ def _strip_decorations(answer: str) -> str:
 def extract_final_answer(text: str) -> str | None:
     """Return the final answer stated in ``text``, or None when it states none.
 
-    The last ``\\boxed{...}`` (or ``\\fbox{...}``) wins, with nested braces handled; its content is
-    returned stripped. A last ``\\boxed{`` that is never closed (a truncated completion) yields None
-    rather than an earlier, intermediate boxed value. Without any boxed value, the text after the last
-    line starting with "Answer:" (or "Final answer:", any case, optionally in markdown emphasis) is
-    returned, without surrounding emphasis, one enclosing ``$...$`` and a trailing period.
-    An empty answer counts as none.
+    In this order:
+
+    1. Boxes. The last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5`` with one bare token)
+       wins, with nested and escaped braces handled; its content is returned stripped. A last
+       ``\\boxed{`` that is never closed (a truncated completion) yields None rather than an earlier,
+       intermediate boxed value. Several boxes at the end that are separated only by whitespace,
+       ``,`` ``;``, "and"/"or", ``$``/``\\(``/``\\)``/``\\[``/``\\]`` or LaTeX spacing (``\\quad``,
+       ``\\,``, ``\\text{ and }``), at most 64 characters of them between two boxes, state one
+       answer (up to 32 boxes): their contents are joined with ", " in order
+       (``\\boxed{1}, \\boxed{2} and \\boxed{3}`` gives ``"1, 2, 3"``; a repeated box counts once).
+       Boxes separated by anything else (``\\boxed{1} first, then \\boxed{2}``) do not join: the last
+       wins.
+    2. Without any box, the text after the last line starting with "Answer:" (or "Final answer:", any
+       case, optionally in markdown emphasis), without surrounding emphasis, one enclosing ``$...$``
+       and a trailing period.
+
+    An escaped ``\\$`` is a literal currency sign everywhere: it is kept in the answer (math-verify
+    ignores it) and never taken for a ``$`` delimiter. An empty answer counts as none.
     """
-    boxed = list(_BOXED_RE.finditer(text))
-    if boxed:
-        last = boxed[-1]
-        if last.group("bare") is not None:  # "\\boxed 5": a single bare token
-            return last.group("bare").rstrip(".") or None
-        content = _balanced_braces(text, last.end())
-        if content is None:
-            return None
-        content = content.strip()
-        return content or None
+    boxes = list(_BOXED_RE.finditer(text))
+    if boxes:
+        return _final_boxed_answer(text, boxes)
     lines = list(_ANSWER_LINE_RE.finditer(text))
     if lines:
         answer = _strip_decorations(lines[-1].group("answer"))
@@ -159,9 +247,11 @@ def _as_latex(text: str) -> str:
     """Wrap ``text`` in ``$...$`` unless it already carries LaTeX delimiters.
 
     math-verify only parses LaTeX that is delimited (``$..$``, ``\\(..\\)``, ``\\boxed{}``); a bare
-    ``\\frac{1}{2}`` would otherwise fall through to the plain-expression parser and fail.
+    ``\\frac{1}{2}`` would otherwise fall through to the plain-expression parser and fail. An
+    escaped ``\\$`` is not a delimiter: ``\\$16,386.20`` is wrapped (``$\\$16,386.20$``), which
+    math-verify reads as 16386.2.
     """
-    if any(d in text for d in _LATEX_DELIMITERS):
+    if _has_math_dollar(text) or any(d in text for d in _LATEX_DELIMITERS):
         return text
     return f"${text}$"
 
@@ -212,7 +302,24 @@ def _parse_math(text: str) -> list[Any]:
 
 
 def verify_math(completion: str, answer: str) -> Outcome:
-    """Built-in ``"math"``: math-verify equivalence of the final answer and the gold answer."""
+    """Built-in ``"math"``: math-verify equivalence of the final answer and the gold answer.
+
+    The final answer is what :func:`extract_final_answer` returns; it and the gold answer are wrapped
+    in ``$...$`` unless they carry a LaTeX delimiter, then parsed and compared by math-verify.
+
+    * An escaped ``\\$`` is a currency sign, never a math delimiter: ``\\boxed{\\$16,386.20}`` and
+      ``Answer: \\$5`` are read as 16386.2 and 5 (math-verify drops the ``\\$``).
+    * Several boxes: the boxes at the end of the completion that are separated only by commas,
+      "and"/"or", whitespace or delimiters are one answer, their contents joined as a list
+      (``\\boxed{1}, \\boxed{2}, \\boxed{3}`` is ``1, 2, 3``, the set {1, 2, 3}, which equals a gold
+      ``\\{1,2,3\\}`` or ``3, 2, 1``); boxes separated by other text do not join and the last wins
+      (``\\boxed{1} first, then \\boxed{2}`` is 2). This follows math-verify's own joining of
+      adjacent boxes, with a stricter notion of "adjacent" (see ``docs/verifiers.md``).
+
+    Never raises on any completion; its cost is bounded by :data:`MAX_MATH_NESTING` and the extraction
+    limits. A gold answer math-verify cannot parse grades "error"; a too-deeply nested final answer
+    grades "invalid".
+    """
     gold = _GOLD_CACHE.get(answer)
     if gold is None:
         gold = _parse_math(answer)

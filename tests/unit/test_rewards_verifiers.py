@@ -13,6 +13,7 @@ import pytest
 
 from rlsys.records import GRADE_ERROR, GRADE_INVALID, GRADE_OK
 from rlsys.rewards.verifiers import (
+    MAX_JOINED_BOXES,
     NO_ANSWER_DETAIL,
     check_spec_allowed,
     coerce_result,
@@ -33,6 +34,24 @@ REWARD_FNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_fn
     [
         (r"so the result is \boxed{42}.", "42"),
         (r"\boxed{1} first, then \boxed{2}", "2"),  # the last box wins
+        (r"\boxed{1}, \boxed{2}, \boxed{3}", "1, 2, 3"),  # adjacent final boxes are one answer
+        (r"roots \boxed{-2} and \boxed{1}.", "-2, 1"),
+        (r"$\boxed{1}$ or $\boxed{2}$", "1, 2"),
+        (r"\boxed{1}\boxed{2}", "1, 2"),
+        (r"\[\boxed{-2} \quad \text{and} \quad \boxed{1}\]", "-2, 1"),
+        (r"\boxed{5} \boxed{5}", "5"),  # a repeated box counts once
+        ("\\boxed{004} is it.\n**Final Answer**\n\\boxed{004}", "004"),
+        (r"\boxed{1} ++ \boxed{4}", "4"),  # only separators join boxes
+        (r"\boxed{} \boxed{4}", "4"),  # an empty box stops the joining
+        (r"\boxed{\boxed{2}}", "2"),  # a nested box is not a neighbour
+        (r"\boxed{1}, \boxed{2", None),  # a truncated last box is still no answer
+        (r"\boxed{\$16,386.20}", r"\$16,386.20"),  # an escaped dollar is part of the answer
+        (r"\boxed \$5.", r"\$5"),
+        ("Answer: \\$5", "\\$5"),
+        ("Answer: $\\$5$.", "\\$5"),  # one $...$ around an escaped \$ is still stripped
+        ("Answer: \\$5 or \\$6", "\\$5 or \\$6"),
+        ("Answer: **42**.", "42"),  # closing emphasis after the one the line pattern ate
+        ("Answer: x^*", "x^*"),
         (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),  # nested braces
         (r"\boxed{ \{1, \{2\}\} }", r"\{1, \{2\}\}"),  # escaped braces do not close the group
         (r"\fbox{7}", "7"),
@@ -71,11 +90,30 @@ def test_normalize_whitespace() -> None:
         (r"\boxed{\{1, 2\}}", r"\{2, 1\}", True),
         ("Answer: banana", "42", False),
         (r"\boxed{\frac{1}{", "42", False),
+        # An escaped \$ is a currency sign, not a math delimiter (issue 12 item 6).
+        (r"\boxed{\$16,386.20}", "$16386.20$", True),
+        (r"\boxed{\$16386.17}", "$16386.17$", True),
+        ("Answer: \\$5", "5", True),
+        ("Answer: \\$5", "6", False),
+        (r"\boxed{18.90}", r"\$18.90", True),
+        # Adjacent final boxes are one set answer; separated ones are not.
+        (r"\boxed{1}, \boxed{2}, \boxed{3}", r"\{1,2,3\}", True),
+        (r"\boxed{3} and \boxed{1}", "1, 3", True),
+        (r"\boxed{1}, \boxed{2}, \boxed{3}", "3", False),
+        (r"\boxed{1} is a step; the answer is \boxed{3}", "3", True),
     ],
 )
 def test_verify_math(completion: str, answer: str, correct: bool) -> None:
     reward, ok, status, _ = verify_math(completion, answer)
     assert (reward, ok, status) == (1.0 if correct else 0.0, correct, GRADE_OK)
+
+
+def test_verify_math_bounded_on_hostile_boxes() -> None:
+    # Many unclosed or adjacent boxes: only the trailing ones are scanned, and nothing raises.
+    assert verify_math("\\boxed{" * 20_000, "1") == (0.0, False, GRADE_OK, NO_ANSWER_DETAIL)
+    many = ", ".join(f"\\boxed{{{i}}}" for i in range(1000))
+    assert len(extract_final_answer(many).split(", ")) == MAX_JOINED_BOXES
+    assert verify_math("\\" * 5000 + "$" * 5000, "1")[2] == GRADE_OK
 
 
 def test_verify_math_without_answer_says_so() -> None:
