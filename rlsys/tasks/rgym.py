@@ -39,12 +39,18 @@ MAX_ANSWER_CHARS = 64
 ANSWER_INSTRUCTION = "End your response with a line Answer: <number>"
 _BOXED_RE = re.compile(r"\\boxed\{([^{}]{1,64})\}")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+# Commas only as thousands separators: "1,234,567" is a number, "4,2" is not.
+_THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 
 
 def _parse_number(text: str) -> Fraction | None:
     """The number ``text`` states (``1,234``, ``$5``, ``-3.50``, ``12.``), else None."""
-    t = text.strip().rstrip(".").replace(",", "").replace("\\$", "").replace("$", "").strip()
+    t = text.strip().rstrip(".").replace("\\$", "").replace("$", "").strip()
     t = t.strip("*_ ")  # markdown emphasis around the number
+    if "," in t:
+        if not _THOUSANDS_RE.fullmatch(t):
+            return None
+        t = t.replace(",", "")
     if not _NUMBER_RE.fullmatch(t):
         return None
     try:

@@ -112,7 +112,8 @@ def test_verify_math_bounded_on_hostile_boxes() -> None:
     # Many unclosed or adjacent boxes: only the trailing ones are scanned, and nothing raises.
     assert verify_math("\\boxed{" * 20_000, "1") == (0.0, False, GRADE_OK, NO_ANSWER_DETAIL)
     many = ", ".join(f"\\boxed{{{i}}}" for i in range(1000))
-    assert len(extract_final_answer(many).split(", ")) == MAX_JOINED_BOXES
+    joined = extract_final_answer(many)
+    assert joined is not None and len(joined.split(", ")) == MAX_JOINED_BOXES
     assert verify_math("\\" * 5000 + "$" * 5000, "1")[2] == GRADE_OK
 
 

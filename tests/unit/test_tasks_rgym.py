@@ -25,6 +25,8 @@ from rlsys.tasks import get_task, rgym
         ("Answer: 42 apples", "42", False),  # the prompt asks for a number only
         ("42", "42", False),  # no final-answer marker
         ("Answer: 4/2", "2", False),
+        ("Answer: 4,2", "42", False),  # a comma only as a thousands separator
+        ("Answer: 1,234,567", "1234567", True),
         ("", "2", False),
         ("Answer: " + "9" * 10_000, "9", False),
     ],
@@ -35,7 +37,7 @@ def test_grading(completion, answer, expected):
 
 def test_garbage_never_raises_but_a_bad_gold_answer_does():
     for junk in (None, 5, "Answer:", "Answer: \\boxed{", "\x00" * 100, "Answer: 1e999999"):
-        assert rgym.verify(junk, "3") is False  # type: ignore[arg-type]
+        assert rgym.verify(junk, "3") is False
     with pytest.raises(ValueError, match="must be a number"):
         rgym.verify("Answer: 3", "three")
 
@@ -45,7 +47,7 @@ def test_prompts_ask_for_the_format_the_verifier_reads(name):
     task = get_task(name)
     rows = task.generate("train", 20, seed=3)
     assert all(r.messages[0][1].endswith(rgym.ANSWER_INSTRUCTION) for r in rows)
-    assert all(task.verify(task.reference_solution(r, None), r.answer) for r in rows)  # type: ignore[arg-type]
+    assert all(task.verify(task.reference_solution(r, None), r.answer) for r in rows)
     assert rows == task.generate("train", 20, seed=3)
     assert rows != task.generate("train", 20, seed=4)
 
