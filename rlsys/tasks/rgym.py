@@ -15,8 +15,12 @@ disjoint by a hash of the question; ood uses harder settings or held-out templat
 questions whose hash is not a training one (so ood never meets train); the prompt is the
 question followed by the instruction to end with ``Answer: <number>``.
 
-Grading (``verify``): the number after the last ``Answer:`` (commas, ``$`` and a final period
-stripped; ``\\boxed{}`` also read) compared exactly, as a fraction, with the integer gold answer.
+Grading (``verify``): the number after the last ``Answer:`` (thousands commas, ``$`` and a final
+period stripped), else the last ``\\boxed{}``, else the last number of the completion, compared
+exactly, as a fraction, with the integer gold answer. The last fallback is what lets a small
+pretrained model that ignores the marker ("-9 - 5 = -14.") earn a reward at all (measured on
+SmolLM2-135M: 0-1 of 48 samples use the marker, 8 of 48 end with the right number); a completion
+that lists several numbers is graded by its last one only, so spamming numbers does not pay.
 Why not reasoning-gym's own ``score_answer``: it gives partial credit (0.1-0.2 for a wrong or
 badly formatted answer), while GRPO's success rate and F-GRPO's focal weight need a binary
 correct / wrong; and why not math-verify: the gold is always a plain integer, where an exact
@@ -39,6 +43,7 @@ MAX_ANSWER_CHARS = 64
 ANSWER_INSTRUCTION = "End your response with a line Answer: <number>"
 _BOXED_RE = re.compile(r"\\boxed\{([^{}]{1,64})\}")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 # Commas only as thousands separators: "1,234,567" is a number, "4,2" is not.
 _THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 
@@ -67,13 +72,18 @@ def _gold(answer: str) -> Fraction:
 
 
 def final_number(completion: str) -> Fraction | None:
-    """The completion's final answer as a number: the last ``Answer:`` line, else the last ``\\boxed{}``."""
+    """The completion's final answer as a number: the last ``Answer:`` line; else the last ``\\boxed{}``;
+    else the last number in the completion's final 512 characters (lm-eval's "flexible extract": small
+    pretrained models state the result, "-9 - 5 = -14", without the marker the prompt asks for)."""
     if not isinstance(completion, str):
         return None
     text = extract_answer(completion, MAX_ANSWER_CHARS)
     if text is None:
         boxes = _BOXED_RE.findall(completion[-4096:])
         text = boxes[-1] if boxes else None
+    if text is None:
+        numbers = _LAST_NUMBER_RE.findall(completion[-512:])
+        text = numbers[-1] if numbers else None
     if text is None:
         return None
     box = _BOXED_RE.fullmatch(text.strip().strip("$"))

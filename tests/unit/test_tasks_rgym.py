@@ -23,7 +23,10 @@ from rlsys.tasks import get_task, rgym
         ("The total is \\boxed{288}.", "288", True),
         ("Answer: 41", "42", False),
         ("Answer: 42 apples", "42", False),  # the prompt asks for a number only
-        ("42", "42", False),  # no final-answer marker
+        ("42", "42", True),  # no marker: the last number
+        ("-9 - 5 = -14.", "-14", True),
+        ("-9 - 5 = -14. Then 3", "-14", False),  # the last number only
+        ("Answer: 41\nso 42", "42", False),  # the marker wins over later numbers
         ("Answer: 4/2", "2", False),
         ("Answer: 4,2", "42", False),  # a comma only as a thousands separator
         ("Answer: 1,234,567", "1234567", True),
