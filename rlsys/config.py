@@ -22,6 +22,7 @@ from rlsys.choices import (
     EVAL_SPLITS,
     LOSS_TYPES,
     ON_BAD_ROW,
+    PROMPT_FORMATS,
     RESUME_MODES,
     SELECT_MODES,
     VLLM_LOG_LEVELS,
@@ -103,7 +104,17 @@ class DataConfig:
     id_key: str | None = None
     answer_after: str | None = None  # GSM8K-style gold text: keep what follows this marker ("####")
     verifier: str = "math"  # for files: "math" | "exact" | "regex" | "module:function"
+    # A system message put before every prompt (built-in tasks and files alike; a file row's own system
+    # message wins). Rendered by the chat template, or as the first paragraph in the plain format.
     system_prompt: str | None = None
+    # How a prompt becomes tokens (rlsys.data.PromptFormat): "chat" applies the tokenizer's chat template
+    # with the generation prompt; "plain" is for checkpoints without one (base models): the messages'
+    # texts, joined by blank lines, put where {} stands in input_template, tokenized with the
+    # tokenizer's own special tokens (its BOS, where it adds one).
+    prompt_format: str = "chat"
+    # Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3 (chat format only).
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_template: str = "{}"  # plain format only, e.g. "Question: {}\nAnswer:"
     on_bad_row: str = "error"  # "error" | "skip" (counted and logged)
     num_train: int = 2000  # generated tasks: rows in the train split
     # (No num_test: the held-out rows a job reads are sized by the job, eval.num_prompts for evaluation and
@@ -269,6 +280,27 @@ def _fail(key: str, value: Any, why: str) -> None:
     raise ConfigError(f"invalid config {key}={value!r}: {why}")
 
 
+def _check_prompt_format(d: Any) -> None:
+    if d.prompt_format not in PROMPT_FORMATS:
+        _fail("data.prompt_format", d.prompt_format, f"choose one of {', '.join(PROMPT_FORMATS)}")
+    if d.input_template.count("{}") != 1:
+        _fail("data.input_template", d.input_template, "must hold exactly one {} (where the prompt text goes)")
+    if d.prompt_format == "chat" and d.input_template != "{}":
+        _fail(
+            "data.input_template",
+            d.input_template,
+            "applies to data.prompt_format=plain only; the chat template formats chat prompts",
+        )
+    kwargs = d.chat_template_kwargs or {}
+    if kwargs and d.prompt_format != "chat":
+        _fail(
+            "data.chat_template_kwargs", dict(kwargs), "applies to data.prompt_format=chat only (plain has no template)"
+        )
+    for key, value in kwargs.items():
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            _fail(f"data.chat_template_kwargs.{key}", value, "must be a string, number, bool or null")
+
+
 def _check_positive(cfg: Any, prefix: str, names: tuple[str, ...], allow_zero: bool = False) -> None:
     for name in names:
         v = getattr(cfg, name)
@@ -384,6 +416,7 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
         _fail("data.path", d.path, "no such file")
     if d.on_bad_row not in ON_BAD_ROW:
         _fail("data.on_bad_row", d.on_bad_row, "choose error or skip")
+    _check_prompt_format(d)
     _check_positive(d, "data", ("num_train",))
 
     r = cfg.rollout

@@ -36,6 +36,7 @@ all-bad file, an unknown extension and duplicate ids are always errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -487,7 +488,7 @@ def load_split(cfg: Any, split: str, n: int | None, seed: int) -> list[PromptRow
 
         if n is None:
             raise ValueError(f"load_split: a built-in task ({d.task}) needs a row count for split {split!r}")
-        return get_task(d.task).generate(split, n, seed=seed)
+        return with_system_prompt(get_task(d.task).generate(split, n, seed=seed), d.system_prompt)
     rows, report = load_rows(
         d.path,
         prompt_key=d.prompt_key,
@@ -528,24 +529,71 @@ def load_pool_rows(cfg: Any) -> list[PromptRow]:
     return load_train_rows(cfg)
 
 
-def encode_prompt(tokenizer: Any, row: PromptRow) -> list[int]:
-    """Chat-template the row's messages (with the assistant generation prompt) and tokenize once.
+def with_system_prompt(rows: list[PromptRow], system_prompt: str | None) -> list[PromptRow]:
+    """``rows`` with ``system_prompt`` as their first message, except rows that already start with a
+    system message of their own (those win); ``None`` returns ``rows`` unchanged."""
+    if system_prompt is None:
+        return rows
+    return [
+        r
+        if r.messages and r.messages[0][0] == "system"
+        else dataclasses.replace(r, messages=(("system", system_prompt), *r.messages))
+        for r in rows
+    ]
 
-    Raises :class:`rlsys.config.ConfigError` (naming ``model.path``) when the tokenizer has no chat
-    template: rlsys formats every prompt as a chat.
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a row's messages become the token ids the policy sees (``data.prompt_format`` and friends).
+
+    ``style="chat"``: the tokenizer's chat template with the assistant generation prompt, given
+    ``template_kwargs`` as extra template variables (Qwen3's ``enable_thinking``); encoded without
+    adding special tokens, because the template writes its own (BOS included where it has one).
+    ``style="plain"``: for checkpoints without a chat template (base models): the messages' texts joined
+    by blank lines, put where ``{}`` stands in ``input_template``; encoded with the tokenizer's special
+    tokens (its BOS, where it adds one), as a base model saw text in pre-training.
     """
+
+    style: str = "chat"
+    template_kwargs: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs
+    input_template: str = "{}"
+
+    @classmethod
+    def from_config(cls, data_cfg: Any) -> PromptFormat:
+        """The format ``data_cfg`` (an :class:`rlsys.config.DataConfig`, already validated) asks for."""
+        kwargs = dict(data_cfg.chat_template_kwargs or {})
+        return cls(data_cfg.prompt_format, tuple(sorted(kwargs.items())), data_cfg.input_template)
+
+
+def render_prompt(tokenizer: Any, row: PromptRow, fmt: PromptFormat) -> str:
+    """The prompt text of ``row`` in format ``fmt``, before tokenization.
+
+    Raises :class:`rlsys.config.ConfigError` when the chat format meets a tokenizer without a chat
+    template, naming ``data.prompt_format=plain`` as the way to train such a checkpoint.
+    """
+    if fmt.style == "plain":
+        return fmt.input_template.replace("{}", "\n\n".join(content for _, content in row.messages), 1)
+    if fmt.style != "chat":
+        raise ValueError(f"unknown prompt format {fmt.style!r}; choose chat or plain")
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
-            f"invalid config model.path={tokenizer.name_or_path!r}: its tokenizer has no "
-            "chat_template, and rlsys formats prompts as chats; use an instruct/chat checkpoint or "
-            "add a chat_template (tokenizer_config.json or chat_template.jinja)"
+            f"invalid config data.prompt_format='chat': the tokenizer of {tokenizer.name_or_path!r} has no "
+            "chat_template; set data.prompt_format=plain (optionally data.input_template='Question: {}\\nAnswer:') "
+            "for a base model, or add a chat_template (tokenizer_config.json or chat_template.jinja)"
         )
-    text = tokenizer.apply_chat_template(
-        [{"role": r, "content": c} for r, c in row.messages], tokenize=False, add_generation_prompt=True
+    return tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in row.messages],
+        tokenize=False,
+        add_generation_prompt=True,
+        **dict(fmt.template_kwargs),
     )
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
-def probe_tokens(tokenizer: Any, row: PromptRow) -> list[int]:
+def encode_prompt(tokenizer: Any, row: PromptRow, fmt: PromptFormat) -> list[int]:
+    """Render ``row`` in format ``fmt`` (:func:`render_prompt`) and tokenize it once."""
+    return tokenizer.encode(render_prompt(tokenizer, row, fmt), add_special_tokens=fmt.style == "plain")
+
+
+def probe_tokens(tokenizer: Any, row: PromptRow, fmt: PromptFormat) -> list[int]:
     """A fixed sequence (a prompt plus a short answer) both sides score after every sync."""
-    return encode_prompt(tokenizer, row) + tokenizer.encode("Answer: 42", add_special_tokens=False)
+    return encode_prompt(tokenizer, row, fmt) + tokenizer.encode("Answer: 42", add_special_tokens=False)

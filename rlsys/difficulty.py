@@ -42,7 +42,7 @@ from rlsys.build import eval_pools
 from rlsys.choices import SELECT_MODES
 from rlsys.cli import hydra_entry
 from rlsys.config import RLConfig, resolve, validate
-from rlsys.data import load_pool_rows
+from rlsys.data import PromptFormat, load_pool_rows
 from rlsys.eval import check_eval_resources, model_label, sample_and_grade
 from rlsys.models import base_model_path, load_tokenizer
 from rlsys.records import GRADE_ERROR, GRADE_TIMEOUT, PromptRow
@@ -288,7 +288,16 @@ def _run_difficulty(cfg: RLConfig) -> DifficultyRun:
         rollout_pool,
         reward_pool,
     ):
-        sg = sample_and_grade(rows, tokenizer, rollout_pool, reward_pool, n=df.k, seed=df.seed, label="difficulty")
+        sg = sample_and_grade(
+            rows,
+            tokenizer,
+            rollout_pool,
+            reward_pool,
+            fmt=PromptFormat.from_config(cfg.data),
+            n=df.k,
+            seed=df.seed,
+            label="difficulty",
+        )
 
     c = sg.num_correct
     selected = select_by_difficulty(c / df.k, df.select, df.fraction, df.seed)

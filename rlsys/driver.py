@@ -32,7 +32,7 @@ from rlsys import algo, build, cluster, signals
 from rlsys import checkpoint as ckpt
 from rlsys.build import Actors
 from rlsys.config import ConfigError, RLConfig, TrainerConfig, local_cluster_cpus, resolve, validate
-from rlsys.data import encode_prompt, load_eval_rows, load_train_rows, probe_tokens
+from rlsys.data import PromptFormat, encode_prompt, load_eval_rows, load_train_rows, probe_tokens
 from rlsys.eval import EvalResult, eval_metrics, plot_training_evals, run_evaluation
 from rlsys.metrics import MetricsLogger
 from rlsys.models import base_model_path, load_tokenizer
@@ -207,7 +207,7 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
             logger = open_metrics(cfg, out_dir, run)
             state = LoopState.restore(run.saved, run.resume)
             sampler = PromptSampler(len(run.rows), seed=t.seed, state=run.saved.sampler if run.saved else None)
-            probe = probe_tokens(run.tokenizer, run.rows[0])
+            probe = probe_tokens(run.tokenizer, run.rows[0], PromptFormat.from_config(cfg.data))
             pad = run.tokenizer.pad_token_id
             eval_rows = load_eval_rows(cfg) if (t.eval_at_start_end or t.eval_every) else []
             if t.eval_at_start_end and not state.resumed:
@@ -300,10 +300,25 @@ def prepare(cfg: RLConfig, out_dir: Path) -> RunInputs:
         raise ValueError(
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} exceeds the {len(rows)} training prompts"
         )
-    requests = {r.prompt_id: RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r))) for r in rows}
+    fmt = PromptFormat.from_config(cfg.data)
+    requests = {r.prompt_id: RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r, fmt))) for r in rows}
     log.info("%d training prompts; model %s", len(rows), model_path)
+    log_prompt_once(tokenizer, rows[0], requests[rows[0].prompt_id].prompt_token_ids, fmt)
     return RunInputs(
         resume=resume, saved=saved, model_path=model_path, tokenizer=tokenizer, rows=rows, requests=requests
+    )
+
+
+def log_prompt_once(tokenizer: Any, row: PromptRow, ids: tuple[int, ...], fmt: PromptFormat) -> None:
+    """Log the first training prompt exactly as the policy sees it: its token ids decoded with every special
+    token kept, so a wrong template, a missing system prompt or a doubled BOS shows in the run's log."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=False)
+    log.info(
+        "the prompt as the model sees it (%s, %d tokens, data.prompt_format=%s):\n%s",
+        row.prompt_id,
+        len(ids),
+        fmt.style,
+        text,
     )
 
 

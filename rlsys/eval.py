@@ -51,7 +51,7 @@ from rlsys.algo import pass_at_k
 from rlsys.build import eval_pools, make_reward_pool, make_rollout_pool  # noqa: F401
 from rlsys.cli import hydra_entry
 from rlsys.config import ConfigError, RLConfig, resolve, validate
-from rlsys.data import encode_prompt, load_eval_rows
+from rlsys.data import PromptFormat, encode_prompt, load_eval_rows
 from rlsys.models import base_model_path, load_tokenizer
 from rlsys.progress import Progress
 from rlsys.records import (
@@ -136,12 +136,15 @@ def sample_and_grade(
     rollout_pool,
     reward_pool,
     *,
+    fmt: PromptFormat,
     n: int,
     seed: int,
     max_prompts_per_call: int | None = None,
     label: str = "eval",
 ) -> SampleGrades:
     """Sample ``n`` completions for every row with ``rollout_pool`` and grade them with ``reward_pool``.
+
+    Prompts are encoded in format ``fmt`` (:class:`rlsys.data.PromptFormat`), as the training job encodes them.
 
     Sampling uses the pool's own settings (temperature, top_p, max_tokens of its RolloutSpec) and
     per-prompt seeds from :func:`eval_seed`, so the samples are a function of (weights, prompt, seed,
@@ -224,7 +227,7 @@ def sample_and_grade(
         pending: Future | None = None
         for lo in range(0, p, per_call):
             chunk = rows[lo : lo + per_call]
-            requests = [RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r))) for r in chunk]
+            requests = [RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r, fmt))) for r in chunk]
             t0 = time.perf_counter()
             groups, _ = rollout_pool.generate(requests, n, {r.prompt_id: eval_seed(seed, r.prompt_id) for r in chunk})
             gen_seconds += time.perf_counter() - t0
@@ -386,6 +389,7 @@ def evaluate(
     rollout_pool,
     reward_pool,
     *,
+    fmt: PromptFormat,
     n: int,
     ks: Sequence[int],
     seed: int,
@@ -404,6 +408,7 @@ def evaluate(
         tokenizer,
         rollout_pool,
         reward_pool,
+        fmt=fmt,
         n=n,
         seed=seed,
         max_prompts_per_call=max_prompts_per_call,
@@ -599,6 +604,7 @@ def run_evaluation(
         tokenizer,
         rollout,
         reward_pool,
+        fmt=PromptFormat.from_config(cfg.data),
         n=e.n,
         ks=list(e.k),
         seed=e.seed,
@@ -725,6 +731,7 @@ def _run_eval(cfg: RLConfig) -> EvalRun:
             tokenizer,
             rollout_pool,
             reward_pool,
+            fmt=PromptFormat.from_config(cfg.data),
             n=e.n,
             ks=e.k,
             seed=e.seed,

@@ -77,7 +77,7 @@ from rlsys import signals
 from rlsys.build import make_learner_group, make_rollout_pool, sft_learner_spec
 from rlsys.cli import hydra_entry
 from rlsys.config import ConfigError, RLConfig, resolve, resolve_dtype, validate
-from rlsys.data import encode_prompt
+from rlsys.data import PromptFormat, encode_prompt
 from rlsys.fsutil import file_lock, replace_dir
 from rlsys.progress import Progress
 from rlsys.records import PromptRow
@@ -91,6 +91,9 @@ REPORT_FILE = "sft_report.json"
 # Held-out NLL batch: rows of the train split (with one fixed solution each) and of the test split.
 HELDOUT_TRAIN_ROWS = 32
 HELDOUT_TEST_ROWS = 32
+# The warm start teaches the tiny model its answer format on bare task prompts in its own chat template: the
+# job's data.system_prompt / prompt_format do not change what it trains (nor, so, its cache key).
+SFT_PROMPT_FORMAT = PromptFormat()
 
 __all__ = [
     "FORMAT_VERSION",
@@ -473,7 +476,7 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
     stream = SFTBatches(
         task,
         rows,
-        [encode_prompt(tokenizer, r) for r in rows],
+        [encode_prompt(tokenizer, r, SFT_PROMPT_FORMAT) for r in rows],
         tokenizer,
         eos_id,
         s.batch_size,
@@ -487,7 +490,9 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
     held_rows = {"train": rows[:HELDOUT_TRAIN_ROWS], "test": task.generate("test", HELDOUT_TEST_ROWS, seed=s.seed)}
     held = {
         name: _nll_batch(
-            [encode_prompt(tokenizer, r) for r in rs], [stream.response_ids(r, held_rng) for r in rs], pad_id
+            [encode_prompt(tokenizer, r, SFT_PROMPT_FORMAT) for r in rs],
+            [stream.response_ids(r, held_rng) for r in rs],
+            pad_id,
         )
         for name, rs in held_rows.items()
     }
@@ -636,7 +641,7 @@ def evaluate_model(cfg: RLConfig, model_dir: str, splits: tuple[str, ...] = ("te
     try:
         for split in splits:
             rows = task.generate(split, s.eval_prompts, seed=s.seed)
-            reqs = [RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r))) for r in rows]
+            reqs = [RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r, SFT_PROMPT_FORMAT))) for r in rows]
             seeds = {r.prompt_id: (s.seed * 1_000_003 + i) % (2**31) for i, r in enumerate(rows)}
             log.info("SFT eval: sampling %d %s prompts x %d", len(rows), split, n)
             groups, _ = pool.generate(reqs, n, seeds)

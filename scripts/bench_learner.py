@@ -36,7 +36,7 @@ def _batch(tokenizer, b: int, g: int, t: int, seed: int):
     """B countdown prompts x G rows, each with T random response tokens and random advantages."""
     import dataclasses
 
-    from rlsys.driver import encode_prompt
+    from rlsys.data import PromptFormat, encode_prompt
     from rlsys.tasks import get_task
     from rlsys.workers.batching import build_train_batch, loss_normalizer_for
 
@@ -44,7 +44,7 @@ def _batch(tokenizer, b: int, g: int, t: int, seed: int):
     rows = get_task("countdown").generate("train", b, seed=seed)
     prompts, responses, lps, advs = [], [], [], []
     for r in rows:
-        p = encode_prompt(tokenizer, r)
+        p = encode_prompt(tokenizer, r, PromptFormat())
         adv = rng.standard_normal(g)
         for j in range(g):
             prompts.append(p)

@@ -216,6 +216,7 @@ def evaluate_both(cfg, model_path: str, out_dir: Path, label: str) -> dict[str, 
     """
     from transformers import AutoTokenizer
 
+    from rlsys.data import PromptFormat
     from rlsys.eval import eval_pools, evaluate, load_eval_rows, write_eval_outputs
 
     rows = {split: load_eval_rows(eval_config(cfg, model_path, split, out_dir, label)) for split in ("test", "ood")}
@@ -237,6 +238,7 @@ def evaluate_both(cfg, model_path: str, out_dir: Path, label: str) -> dict[str, 
                 tokenizer,
                 rollout_pool,
                 reward_pool,
+                fmt=PromptFormat.from_config(cfg.data),
                 n=e.n,
                 ks=e.k,
                 seed=e.seed,

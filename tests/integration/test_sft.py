@@ -46,14 +46,16 @@ def _sft_batch(model_path: str, n: int = 6):
     """A countdown SFT batch exactly as rlsys.sft builds it."""
     from transformers import AutoTokenizer
 
-    from rlsys.data import encode_prompt
+    from rlsys.data import PromptFormat, encode_prompt
     from rlsys.sft import SFTBatches, _nll_batch
     from rlsys.tasks import get_task
 
     tok = AutoTokenizer.from_pretrained(model_path)
     task = get_task("countdown")
     rows = task.generate("train", n, seed=0)
-    stream = SFTBatches(task, rows, [encode_prompt(tok, r) for r in rows], tok, tok.eos_token_id, n, 0, 32)
+    stream = SFTBatches(
+        task, rows, [encode_prompt(tok, r, PromptFormat()) for r in rows], tok, tok.eos_token_id, n, 0, 32
+    )
     return _nll_batch(*stream.next_batch(), tok.pad_token_id)
 
 

@@ -50,6 +50,9 @@ class FakeTokenizer:
     def encode(self, text, add_special_tokens):
         return [1 + ord(c) % 50 for c in text[:6]]
 
+    def decode(self, ids, skip_special_tokens):
+        return " ".join(map(str, ids))
+
 
 def mixed_every_other(prompt_id: str, sample_index: int, version: int) -> str:
     """Half the prompts get one right answer (a mixed group), the others none."""

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from rlsys.algo import pass_at_k, pass_at_k_curve
+from rlsys.data import PromptFormat
 from rlsys.difficulty import (
     annotated_record,
     difficulty_summary,
@@ -255,7 +256,9 @@ def countdown_setup():
 def test_sample_and_grade_chunks_orders_and_counts():
     rows, comps = countdown_setup()
     rollout, rewards = FakeRollout(comps), FakeRewards()
-    sg = sample_and_grade(rows, FakeTokenizer(), rollout, rewards, n=6, seed=7, max_prompts_per_call=2)
+    sg = sample_and_grade(
+        rows, FakeTokenizer(), rollout, rewards, fmt=PromptFormat(), n=6, seed=7, max_prompts_per_call=2
+    )
     assert [ids for ids, _ in rollout.calls] == [
         [r.prompt_id for r in rows[:2]],
         [r.prompt_id for r in rows[2:4]],
@@ -281,14 +284,22 @@ def test_sample_and_grade_chunks_orders_and_counts():
     seeds = {pid: s for _, call in rollout.calls for pid, s in call.items()}
     assert seeds == {r.prompt_id: eval_seed(7, r.prompt_id) for r in rows}
     other = FakeRollout(comps)
-    sample_and_grade(rows, FakeTokenizer(), other, FakeRewards(), n=6, seed=7)
+    sample_and_grade(rows, FakeTokenizer(), other, FakeRewards(), fmt=PromptFormat(), n=6, seed=7)
     assert len(other.calls) == 1 and other.calls[0][1] == seeds
 
 
 def test_evaluate_over_fake_pools():
     rows, comps = countdown_setup()
     res = evaluate(
-        rows, FakeTokenizer(), FakeRollout(comps), FakeRewards(), n=8, ks=[8, 1, 2], seed=0, max_prompts_per_call=3
+        rows,
+        FakeTokenizer(),
+        FakeRollout(comps),
+        FakeRewards(),
+        fmt=PromptFormat(),
+        n=8,
+        ks=[8, 1, 2],
+        seed=0,
+        max_prompts_per_call=3,
     )
     assert res.ks == (1, 2, 8)
     assert res.pass_at_k[1] <= res.pass_at_k[2] <= res.pass_at_k[8] <= 1
@@ -303,18 +314,22 @@ def test_sample_and_grade_user_verifier_has_no_distinct_counts():
         def grade(self, requests):
             return [Grade(r.prompt_id, r.sample_index, 1.0, True) for r in requests]
 
-    sg = sample_and_grade(rows, FakeTokenizer(), FakeRollout({"f/1": ["7"]}), DigitRewards(), n=2, seed=0)
+    sg = sample_and_grade(
+        rows, FakeTokenizer(), FakeRollout({"f/1": ["7"]}), DigitRewards(), fmt=PromptFormat(), n=2, seed=0
+    )
     assert sg.distinct_correct is None and sg.correct.all()
 
 
 def test_sample_and_grade_rejects_bad_input():
     rows, comps = countdown_setup()
     with pytest.raises(ValueError, match="duplicate prompt ids"):
-        sample_and_grade(rows + rows[:1], FakeTokenizer(), FakeRollout(comps), FakeRewards(), n=2, seed=0)
+        sample_and_grade(
+            rows + rows[:1], FakeTokenizer(), FakeRollout(comps), FakeRewards(), fmt=PromptFormat(), n=2, seed=0
+        )
     with pytest.raises(ValueError, match="no prompts"):
-        sample_and_grade([], FakeTokenizer(), FakeRollout(comps), FakeRewards(), n=2, seed=0)
+        sample_and_grade([], FakeTokenizer(), FakeRollout(comps), FakeRewards(), fmt=PromptFormat(), n=2, seed=0)
     with pytest.raises(ValueError, match="k <= n"):
-        evaluate(rows, FakeTokenizer(), FakeRollout(comps), FakeRewards(), n=2, ks=[1, 4], seed=0)
+        evaluate(rows, FakeTokenizer(), FakeRollout(comps), FakeRewards(), fmt=PromptFormat(), n=2, ks=[1, 4], seed=0)
 
 
 def test_default_prompts_per_call():
