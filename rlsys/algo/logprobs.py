@@ -33,15 +33,24 @@ def auto_chunk_tokens(vocab_size: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) ->
 
 
 def chunk_logprob_entropy(
-    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, entropy_grad: bool
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    entropy_grad: bool,
+    logit_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [m, H], targets [m] (int) -> (logprob [m], entropy [m]), both float32, through the LM head.
 
-    ``weight`` [V, H] and ``bias`` [V] (or None) are the output embedding's. Materialises only this
-    chunk's [m, V] logits (float32). The entropy carries a gradient only if ``entropy_grad`` and
-    grad mode are both on (an entropy bonus needs it; a logged entropy does not).
+    ``weight`` [V, H] and ``bias`` [V] (or None) are the output embedding's. ``logit_softcap`` c
+    (Gemma 2's ``final_logit_softcapping``) maps the logits z to c * tanh(z / c) before the softmax, as
+    the model's own forward and vLLM do; None leaves them as they are. Materialises only this chunk's
+    [m, V] logits (float32). The entropy carries a gradient only if ``entropy_grad`` and grad mode are
+    both on (an entropy bonus needs it; a logged entropy does not).
     """
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
     lse = torch.logsumexp(logits, dim=-1)
     logprob = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -57,13 +66,14 @@ def token_logprobs(
     bias: torch.Tensor | None,
     chunk_tokens: int,
     entropy_grad: bool = False,
+    logit_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [B, L, H], input_ids [B, L], response_mask [B, L] (bool) -> (logprobs [B, L], entropy [B, L]).
 
     Both float32, aligned with ``input_ids`` (see the module docstring), 0 off-response. Only the
     response positions are computed, ``chunk_tokens`` (>= 1) at a time. With grad enabled each chunk
     runs under non-reentrant activation checkpointing, so backward recomputes the chunk's logits
-    instead of keeping all of them alive.
+    instead of keeping all of them alive. ``logit_softcap``: see :func:`chunk_logprob_entropy`.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -80,9 +90,11 @@ def token_logprobs(
     for start in range(0, max(m, 1), chunk_tokens):
         hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if torch.is_grad_enabled():
-            lp, ent = checkpoint(chunk_logprob_entropy, hc, tc, weight, bias, entropy_grad, use_reentrant=False)
+            lp, ent = checkpoint(
+                chunk_logprob_entropy, hc, tc, weight, bias, entropy_grad, logit_softcap, use_reentrant=False
+            )
         else:
-            lp, ent = chunk_logprob_entropy(hc, tc, weight, bias, False)
+            lp, ent = chunk_logprob_entropy(hc, tc, weight, bias, False, logit_softcap)
         lps.append(lp)
         ents.append(ent)
     lp_flat, ent_flat = torch.cat(lps), torch.cat(ents)
@@ -98,11 +110,17 @@ class LogprobHead(torch.nn.Module):
     ``output_embeddings`` is the model's ``lm_head`` (the tied embedding matrix for tied models);
     its ``weight`` (and ``bias`` if any) are shared, not copied, so a wrapper that gathers or hooks
     parameters per module (ZeRO-3) sees them used by this module; the original ``lm_head`` is never
-    called.
+    called. ``logit_softcap``: the model's final-logit soft-cap, if it has one (see
+    :func:`chunk_logprob_entropy`).
     """
 
-    def __init__(self, output_embeddings: torch.nn.Module, chunk_tokens: int) -> None:
+    def __init__(
+        self, output_embeddings: torch.nn.Module, chunk_tokens: int, logit_softcap: float | None = None
+    ) -> None:
         super().__init__()
+        if logit_softcap is not None and not logit_softcap > 0:
+            raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+        self.logit_softcap = logit_softcap
         # cast: nn.Module attributes are typed Tensor | Module; an output embedding's are tensors.
         self.weight = cast(torch.Tensor, output_embeddings.weight)
         self.bias = cast("torch.Tensor | None", getattr(output_embeddings, "bias", None))
@@ -112,4 +130,13 @@ class LogprobHead(torch.nn.Module):
         self, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, entropy_grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, L, H] -> (logprobs [B, L], entropy [B, L]), float32, 0 off-response."""
-        return token_logprobs(hidden, input_ids, response_mask, self.weight, self.bias, self.chunk_tokens, entropy_grad)
+        return token_logprobs(
+            hidden,
+            input_ids,
+            response_mask,
+            self.weight,
+            self.bias,
+            self.chunk_tokens,
+            entropy_grad,
+            self.logit_softcap,
+        )

@@ -27,7 +27,31 @@ _EXPORTS = {
     "train_tokenizer": "rlsys.models.tokenizer",
 }
 
-__all__ = sorted([*_EXPORTS, "base_model_path", "load_tokenizer"])
+__all__ = sorted([*_EXPORTS, "base_model_path", "check_model_path", "load_tokenizer"])
+
+
+def check_model_path(model_cfg: Any) -> None:
+    """Refuse, before any worker starts, a ``model.path`` checkpoint whose architecture rlsys cannot train
+    (:func:`rlsys.models.families.check_architecture`), with a :class:`rlsys.config.ConfigError` naming the
+    key and the architecture; log a warning for one outside the tested families."""
+    import json
+    import logging
+    import os
+
+    from rlsys.config import ConfigError
+    from rlsys.models.families import UnsupportedArchitecture, check_architecture
+
+    config_file = os.path.join(model_cfg.path, "config.json")
+    if not os.path.isfile(config_file):
+        return  # a missing checkpoint is rlsys.config.validate's error (model.path: no such directory)
+    with open(config_file, encoding="utf-8") as fh:
+        hf_config = json.load(fh)
+    try:
+        warning = check_architecture(hf_config, bool(model_cfg.trust_remote_code))
+    except UnsupportedArchitecture as e:
+        raise ConfigError(f"invalid config model.path={model_cfg.path!r}: {e}") from None
+    if warning:
+        logging.getLogger("rlsys.models").warning("model.path=%s: %s", model_cfg.path, warning)
 
 
 def base_model_path(model_cfg: Any) -> str:
@@ -35,6 +59,7 @@ def base_model_path(model_cfg: Any) -> str:
     pretrained ``model.builtin`` (converted from its PyPI package on first use, then cached); or the
     built-in tiny model of ``model.tiny_size`` / ``model.tiny_seed`` (built on first use, then cached)."""
     if model_cfg.path:
+        check_model_path(model_cfg)
         return str(model_cfg.path)
     if getattr(model_cfg, "builtin", None) == "smollm2":
         from rlsys.models.smollm2 import ensure_smollm2

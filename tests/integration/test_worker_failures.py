@@ -84,7 +84,7 @@ def perturbed_weight_refs(model_path: str, scale: float = 0.05) -> list:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(1234)
     named = []
-    # state_dict() lists lm_head.weight too (tied embeddings): vLLM needs it sent explicitly.
+    # state_dict() lists the tied lm_head.weight too; vLLM's Qwen2 loader skips it (the learner sends it once).
     for name, t in model.state_dict().items():
         if t.is_floating_point():
             t = (t.float() + scale * torch.randn(t.shape, generator=gen)).to(t.dtype)

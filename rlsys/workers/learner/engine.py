@@ -93,7 +93,9 @@ class _PolicyModule(torch.nn.Module):
     def __init__(self, hf_model: Any, chunk_tokens: int) -> None:  # a transformers PreTrainedModel
         super().__init__()
         self.hf = hf_model
-        self.head = LogprobHead(hf_model.get_output_embeddings(), chunk_tokens)
+        # Gemma 2's final-logit soft-cap lives in the HF forward, which the head replaces: apply it here.
+        softcap = getattr(hf_model.config, "final_logit_softcapping", None)
+        self.head = LogprobHead(hf_model.get_output_embeddings(), chunk_tokens, softcap)
 
     def forward(self, input_ids, attention_mask, response_mask, entropy_grad: bool = False):
         decoder = getattr(self.hf, self.hf.base_model_prefix)

@@ -45,11 +45,16 @@ def unpack_weight_bucket(bucket: WeightBucket) -> list[tuple[str, torch.Tensor]]
 
 
 def _gather_groups(learner: Learner) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
-    """(HF name, parameter) in module order, grouped to about ``gather_bytes`` per group."""
+    """(HF name, parameter) in module order, grouped to about ``gather_bytes`` per group; a parameter
+    shared by several modules (tied embeddings: ``lm_head.weight``) comes once, under its first name."""
     group: list[tuple[str, torch.nn.Parameter]] = []
     size = 0
+    seen: set[int] = set()
     for mod_name, module in learner.hf.named_modules():
         for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             name = f"{mod_name}.{pname}" if mod_name else pname
             group.append((name, p))
             size += getattr(p, "ds_numel", p.numel()) * p.element_size()
@@ -63,8 +68,9 @@ def _gather_groups(learner: Learner) -> Iterator[list[tuple[str, torch.nn.Parame
 def iter_named_weights(learner: Learner) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter of the HF model as (HF checkpoint name, CPU tensor copy), module order.
 
-    Includes ``lm_head.weight`` for tied embeddings (it is the embedding matrix, repeated under
-    its own name: inference engines load both). Dtype: the training dtype. Under ZeRO-3 the
+    A tied matrix comes once, as a checkpoint stores it (``model.embed_tokens.weight``, no
+    ``lm_head.weight``): vLLM's loaders tie it themselves, and some (Gemma 2 / 3) have no ``lm_head``
+    to load into. Dtype: the training dtype. Under ZeRO-3 the
     parameters are gathered ``gather_bytes`` at a time (bounded memory): a collective, so every
     rank must exhaust this generator; only rank 0's output is meant to be used.
     """
@@ -123,11 +129,6 @@ def save_hf(learner: Learner, path: str, dtype: str | None = None, max_shard_byt
     if is_writer:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-    ids_by_name = {}
-    for mod_name, module in learner.hf.named_modules():
-        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            ids_by_name[f"{mod_name}.{pname}" if mod_name else pname] = id(p)
-    seen_ids: set[int] = set()
     shards: list[list[str]] = []
     pending: dict[str, torch.Tensor] = {}
     size = 0
@@ -141,12 +142,7 @@ def save_hf(learner: Learner, path: str, dtype: str | None = None, max_shard_byt
             pending, size = {}, 0
 
     try:
-        for name, t in iter_named_weights(learner):
-            pid = ids_by_name.get(name)
-            if pid is not None and pid in seen_ids:
-                continue  # a tied alias (lm_head.weight): checkpoints store the matrix once
-            if pid is not None:
-                seen_ids.add(pid)
+        for name, t in iter_named_weights(learner):  # tied weights once, as checkpoints store them
             if not is_writer:
                 continue
             if cast is not None and t.is_floating_point():
