@@ -352,7 +352,7 @@ def test_save_hf_loads_in_transformers_and_matches(runs, reference) -> None:
     assert not list(path.parent.glob(".*tmp*"))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     state = model.state_dict()
-    assert set(state) == set(r["after3"])
+    assert set(state) == set(r["after3"]) | {"lm_head.weight"}  # the export holds the tied matrix once
     for n, t in r["after3"].items():
         assert torch.equal(state[n], t), n
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
