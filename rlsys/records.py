@@ -184,25 +184,3 @@ class TrainStats:
             if value is not None:
                 m[f"train/{name}"] = value
         return m
-
-    @property
-    def extra(self) -> dict[str, float]:
-        """Deprecated read-only view of the optional fields that are set, as floats (the old ``extra`` dict).
-
-        Kept so that code reading ``stats.extra["kl"]`` keeps working; read the typed fields instead.
-        """
-        return {name: float(value) for name in _TRAIN_STATS_OPTIONAL if (value := getattr(self, name)) is not None}
-
-
-# TrainStats' optional fields, in the order the old ``extra`` dict listed them.
-_TRAIN_STATS_OPTIONAL = (
-    "ratio_mean",
-    "ratio_min",
-    "num_sequences",
-    "num_micro_batches",
-    "old_logprob_seconds",
-    "applied_steps",
-    "kl",
-    "tis_weight_mean",
-    "tis_clip_fraction",
-)

@@ -538,9 +538,11 @@ def train_sft(cfg: RLConfig, base: str, save_dir: str) -> dict[str, Any]:
             st = learners.train_step(learners.shard(batch, pad_id))
             skipped += int(st.skipped)
             step_seconds += st.seconds
-            old_seconds += st.extra.get("old_logprob_seconds", 0.0)
+            old_seconds += st.old_logprob_seconds or 0.0
             train_nll.append(st.rollout_logprob_diff)  # = batch NLL/token before the step (log-probs 0)
-            max_ratio_dev = max(max_ratio_dev, abs(st.ratio_max - 1.0), abs(st.extra.get("ratio_min", 1.0) - 1.0))
+            max_ratio_dev = max(
+                max_ratio_dev, abs(st.ratio_max - 1.0), abs((st.ratio_min if st.ratio_min is not None else 1.0) - 1.0)
+            )
             if step % s.log_every == 0 or step == s.steps:
                 h = heldout()
                 recent = float(np.mean(train_nll[-s.log_every :]))

@@ -264,7 +264,7 @@ def test_single_learner_step_is_sane(runs, reference) -> None:
     assert abs(s.approx_kl) < 1e-6
     assert s.entropy == pytest.approx(ref["metrics"]["entropy"], rel=1e-5)
     assert 0 < s.entropy <= math.log(1024) + 1e-4
-    assert s.extra["kl"] == pytest.approx(0.0, abs=1e-6)  # pi == pi_ref at the first step
+    assert s.kl == pytest.approx(0.0, abs=1e-6)  # pi == pi_ref at the first step
     mask = batch.response_mask
     diff = np.abs(ref["logprobs"] - batch.rollout_logprobs)[mask].mean()
     assert s.rollout_logprob_diff == pytest.approx(float(diff), rel=1e-4)
@@ -334,10 +334,10 @@ def test_skipped_step_on_nonfinite_loss(runs) -> None:
     assert r["bad_stats"].skipped and not math.isfinite(r["bad_stats"].loss)
     for n, t in r["before_bad"].items():
         assert torch.equal(r["after_bad"][n], t), f"{n} changed during a skipped step"
-    assert r["bad_stats"].extra["applied_steps"] == 0.0
+    assert r["bad_stats"].applied_steps == 0
     # The following real step ran at the first step's LR and matched the reference
     # (test_gradient_exact_across_ranks_and_micro_batches[z2x1]).
-    assert r["stats"].lr == pytest.approx(LR / WARMUP) and r["stats"].extra["applied_steps"] == 1.0
+    assert r["stats"].lr == pytest.approx(LR / WARMUP) and r["stats"].applied_steps == 1
 
 
 def test_save_hf_loads_in_transformers_and_matches(runs, reference) -> None:

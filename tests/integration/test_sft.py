@@ -90,7 +90,7 @@ def test_nll_step_has_the_nll_gradient(ray_cluster, model_path, tmp_path):
         st = group.train_step(group.shard(batch, 0))
     finally:
         group.shutdown()
-    assert st.ratio_max == pytest.approx(1.0, abs=1e-6) and st.extra["ratio_min"] == pytest.approx(1.0, abs=1e-6)
+    assert st.ratio_max == pytest.approx(1.0, abs=1e-6) and st.ratio_min == pytest.approx(1.0, abs=1e-6)
     assert st.clip_fraction == 0.0
     assert st.rollout_logprob_diff == pytest.approx(float(nll.detach()), rel=1e-5)  # the free training-NLL metric
     assert st.loss == pytest.approx(-1.0, abs=1e-6)  # -mean(ratio * A) with ratio 1, A 1

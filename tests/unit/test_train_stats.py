@@ -1,4 +1,4 @@
-"""rlsys.records.TrainStats: typed optional fields, the train/* metrics the driver logs, the old extra view."""
+"""rlsys.records.TrainStats: typed optional fields, the train/* metrics the driver logs (no untyped extra dict)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_metrics_with_kl_and_tis() -> None:
     assert stats(kl=0.0).metrics()["train/kl"] == 0.0
 
 
-def test_typed_fields_and_deprecated_extra_view() -> None:
+def test_typed_fields_and_no_extra_dict() -> None:
     names = {f.name for f in dataclasses.fields(TrainStats)}
     assert "extra" not in names
     assert {
@@ -79,22 +79,4 @@ def test_typed_fields_and_deprecated_extra_view() -> None:
         "applied_steps",
         "old_logprob_seconds",
     } <= names
-    s = stats(
-        ratio_mean=1.0,
-        ratio_min=0.9,
-        num_sequences=4,
-        num_micro_batches=2,
-        applied_steps=3,
-        old_logprob_seconds=0.3,
-        kl=0.01,
-    )
-    assert s.extra == {
-        "ratio_mean": 1.0,
-        "ratio_min": 0.9,
-        "num_sequences": 4.0,
-        "num_micro_batches": 2.0,
-        "old_logprob_seconds": 0.3,
-        "applied_steps": 3.0,
-        "kl": 0.01,
-    }
-    assert stats().extra == {}
+    assert not hasattr(TrainStats, "extra")  # the untyped dict view is gone: read the typed fields
