@@ -1,6 +1,6 @@
 """Tiny random-weight models of the architectures users bring, built locally from a config (no download).
 
-Each family is a few-hundred-thousand-parameter model of the real architecture class (the same
+Each family is a 1.4-1.7M-parameter model of the real architecture class (the same
 transformers and vLLM code paths as the released checkpoints: fused or split projections, grouped-query
 attention, q/k norms, logit soft-capping, sliding windows, tied or untied embeddings), saved with
 rlsys's own tokenizer (:mod:`rlsys.models.tokenizer`). ``tests/integration/test_model_families.py``
