@@ -81,7 +81,8 @@ class RunInputs:
     model_path: str  # the policy a fresh run starts from
     tokenizer: Any  # the policy's Hugging Face tokenizer
     rows: list[PromptRow]  # the training prompts
-    requests: dict[str, RolloutRequest]  # prompt id -> its chat-templated, tokenized prompt
+    fmt: PromptFormat  # how prompts become tokens (data.prompt_format and friends)
+    requests: dict[str, RolloutRequest]  # prompt id -> its rendered, tokenized prompt
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
             logger = open_metrics(cfg, out_dir, run)
             state = LoopState.restore(run.saved, run.resume)
             sampler = PromptSampler(len(run.rows), seed=t.seed, state=run.saved.sampler if run.saved else None)
-            probe = probe_tokens(run.tokenizer, run.rows[0], PromptFormat.from_config(cfg.data))
+            probe = probe_tokens(run.tokenizer, run.rows[0], run.fmt)
             pad = run.tokenizer.pad_token_id
             eval_rows = load_eval_rows(cfg) if (t.eval_at_start_end or t.eval_every) else []
             if t.eval_at_start_end and not state.resumed:
@@ -305,7 +306,13 @@ def prepare(cfg: RLConfig, out_dir: Path) -> RunInputs:
     log.info("%d training prompts; model %s", len(rows), model_path)
     log_prompt_once(tokenizer, rows[0], requests[rows[0].prompt_id].prompt_token_ids, fmt)
     return RunInputs(
-        resume=resume, saved=saved, model_path=model_path, tokenizer=tokenizer, rows=rows, requests=requests
+        resume=resume,
+        saved=saved,
+        model_path=model_path,
+        tokenizer=tokenizer,
+        rows=rows,
+        fmt=fmt,
+        requests=requests,
     )
 
 

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlsys.models.tokenizer import EOS_TOKEN_ID, MODEL_MAX_LENGTH, PAD_TOKEN_ID, VOCAB_SIZE, train_tokenizer
+from rlsys.models.tiny import MARKER_FILE, STORAGE_DTYPE, save_random_model
+from rlsys.models.tokenizer import EOS_TOKEN_ID, MODEL_MAX_LENGTH, PAD_TOKEN_ID, VOCAB_SIZE
 
 __all__ = ["FAMILIES", "Family", "UnsupportedArchitecture", "build_family_model", "check_architecture"]
 
-MARKER_FILE = "rlsys_model.json"
-STORAGE_DTYPE = "bfloat16"
 
 # Shared shape: 2 layers, hidden 256, 4 query heads of 64 over 2 KV heads (grouped-query attention).
 _SHAPE = dict(
@@ -177,31 +176,9 @@ def build_family_model(out_dir: str | os.PathLike, family: str, seed: int = 0, c
     ``chat=False`` leaves the chat template out (a base model). Returns the directory. Raises
     ``ValueError`` for an unknown family and ``FileExistsError`` for a non-empty ``out_dir``.
     """
-    import torch
-    import transformers
-    from transformers import GenerationConfig
-
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"refusing to build into non-empty directory {out}")
     config = make_family_config(family)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = getattr(transformers, FAMILIES[family].architecture)(config)
-    model = model.to(getattr(torch, STORAGE_DTYPE)).eval()
-    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(str(out), safe_serialization=True)
-    del model
-    tok = train_tokenizer()
-    if not chat:
-        tok.chat_template = None
-    tok.save_pretrained(str(out))
-    if not chat:
-        (out / "chat_template.jinja").unlink(missing_ok=True)
-    for f in out.iterdir():
-        f.chmod(0o644)
+    n_params = save_random_model(out, FAMILIES[family].architecture, config, seed, chat=chat)
     record = {"family": family, "seed": seed, "chat": chat, "num_params": n_params, "storage_dtype": STORAGE_DTYPE}
     (out / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out

@@ -119,6 +119,44 @@ def _quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def save_random_model(out_dir: str | os.PathLike, architecture: str, config: Any, seed: int, chat: bool = True) -> int:
+    """Build a random-weight ``architecture`` (a transformers class name) from ``config`` and save it with
+    rlsys's tokenizer into ``out_dir`` (new or empty; ``FileExistsError`` otherwise). Returns the number
+    of distinct parameters. No completion marker: the callers write their own.
+
+    Weights come from transformers' own init under ``torch.manual_seed(seed)`` and are stored in
+    :data:`STORAGE_DTYPE`, so the same inputs give byte-identical files; the caller's global torch RNG
+    state is left untouched. ``chat=False`` leaves the chat template out (a base model).
+    """
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"refusing to build into non-empty directory {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, architecture)(config)
+    model = model.to(getattr(torch, STORAGE_DTYPE)).eval()
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
+    n_params = count_params(model)
+    with _quiet_progress_bars():
+        model.save_pretrained(str(out), safe_serialization=True)
+    del model
+    tok = train_tokenizer()
+    if not chat:
+        tok.chat_template = None
+    tok.save_pretrained(str(out))
+    if not chat:
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+    for f in out.iterdir():
+        # safetensors writes 0600; a shared cache (other users, containers) needs read access.
+        f.chmod(0o644)
+    return n_params
+
+
 def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
     """Build the ``(size, seed)`` model plus tokenizer into ``out_dir`` and return its path.
 
@@ -128,24 +166,9 @@ def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int =
     ``(size, seed, FORMAT_VERSION)`` and the library versions. Raises ``ValueError`` for an
     unknown size.
     """
-    import torch
-    from transformers import GenerationConfig, Qwen2ForCausalLM
-
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"refusing to build into non-empty directory {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    config = make_config(size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model = model.to(getattr(torch, STORAGE_DTYPE)).eval()
-    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
-    n_params = count_params(model)
-    with _quiet_progress_bars():
-        model.save_pretrained(str(out), safe_serialization=True)
-    del model
-    train_tokenizer().save_pretrained(str(out))
+    config = make_config(size)  # first: an unknown size raises before anything is written
+    n_params = save_random_model(out, "Qwen2ForCausalLM", config, seed)
     record = {
         "format_version": FORMAT_VERSION,
         "size": size,
@@ -153,9 +176,6 @@ def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int =
         "num_params": n_params,
         "storage_dtype": STORAGE_DTYPE,
     }
-    for f in out.iterdir():
-        # safetensors writes 0600; a shared cache (other users, containers) needs read access.
-        f.chmod(0o644)
     # The marker is written last: its presence means every other file is complete.
     (out / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
