@@ -1,15 +1,19 @@
 """Small file-system primitives shared by the caches and checkpoints (tiny models, SFT results,
-run checkpoints, HF exports): an inter-process lock and a directory swap."""
+run checkpoints, HF exports): an inter-process lock, a build-once cache directory and a directory swap."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -22,6 +26,46 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def build_dir_once(
+    final: Path, why_unusable: Callable[[Path], str | None], build: Callable[[Path], None], *, what: str
+) -> Path:
+    """``final``, built first by ``build(tmp_dir)`` unless ``why_unusable(final)`` is None (complete).
+
+    Safe under concurrency: builders serialize on a lock file next to the target, build into a
+    private temp dir in the same parent and ``os.rename`` it into place, so the target path either
+    does not exist or is complete. A directory at the target that is not usable (an interrupted
+    copy, a build by other code, a failed checksum) is logged with ``why_unusable``'s reason, moved
+    aside and rebuilt; leftover temp dirs of crashed builders are removed. Readers that find a
+    complete directory never take the lock. ``what`` names the cache in the log.
+    """
+    if final.exists() and why_unusable(final) is None:
+        return final
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = f".{final.name}.tmp-"
+    with file_lock(parent / f".{final.name}.lock"):
+        why = why_unusable(final) if final.exists() else None
+        if final.exists() and why is None:
+            return final  # another process finished while we waited for the lock
+        # Holding the lock, any temp dir for this target belongs to a dead builder.
+        for stale in parent.glob(f"{tmp_prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            log.warning("%s: %s is unusable (%s); rebuilding it", what, final, why)
+            trash = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
+            os.rename(final, trash / "invalid")
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
+        try:
+            build(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
 
 
 def replace_dir(src: Path, dst: Path) -> None:

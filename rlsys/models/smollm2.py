@@ -28,12 +28,10 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from rlsys.fsutil import file_lock
+from rlsys.fsutil import build_dir_once
 
 log = logging.getLogger(__name__)
 
@@ -165,36 +163,16 @@ def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None, gguf: Path |
     """
     src = gguf if gguf is not None else gguf_path()
     digest = sha256_file(src)
-    final = cache_path(digest, cache_dir)
-    why = check_conversion(final, digest) if final.exists() else "not converted yet"
-    if why is None:
-        return final
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = f".{final.name}.tmp-"
-    with file_lock(parent / f".{final.name}.lock"):
-        if final.exists() and check_conversion(final, digest) is None:
-            return final  # another process finished while we waited
-        for stale in parent.glob(f"{tmp_prefix}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            log.warning("smollm2: cached conversion %s is unusable (%s); rebuilding it", final, why)
-            trash = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
-            os.rename(final, trash / "invalid")
-            shutil.rmtree(trash, ignore_errors=True)
+
+    def build(tmp: Path) -> None:
         log.info("smollm2: converting %s into %s (once; then cached)", src.name, final)
-        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
-        try:
-            record = convert(src, tmp)
-            for f in tmp.iterdir():
-                f.chmod(0o644)  # safetensors writes 0600; the cache may be shared
-            record["gguf_sha256"] = digest
-            record["files"] = _file_hashes(tmp)
-            # The marker is written last: with valid checksums it means every other file is complete.
-            (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+        record = convert(src, tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes 0600; the cache may be shared
+        record["gguf_sha256"] = digest
+        record["files"] = _file_hashes(tmp)
+        # The marker is written last: with valid checksums it means every other file is complete.
+        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    final = cache_path(digest, cache_dir)
+    return build_dir_once(final, lambda d: check_conversion(d, digest), build, what="smollm2")

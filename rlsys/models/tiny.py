@@ -29,14 +29,12 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlsys.fsutil import file_lock
+from rlsys.fsutil import build_dir_once
 from rlsys.models.tokenizer import (
     EOS_TOKEN_ID,
     MODEL_MAX_LENGTH,
@@ -202,55 +200,35 @@ def read_build_record(model_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
-def _is_complete(model_dir: Path, size: str, seed: int) -> bool:
+def _why_unusable(model_dir: Path, size: str, seed: int) -> str | None:
     rec = read_build_record(model_dir)
-    return (
-        rec is not None
-        and rec.get("format_version") == FORMAT_VERSION
-        and rec.get("size") == size
-        and rec.get("seed") == seed
-        and (model_dir / "config.json").is_file()
-        and (model_dir / "tokenizer.json").is_file()
-    )
+    if rec is None:
+        return "no completion marker"
+    if (rec.get("format_version"), rec.get("size"), rec.get("seed")) != (FORMAT_VERSION, size, seed):
+        return "built for another size, seed or format version"
+    for name in ("config.json", "tokenizer.json"):
+        if not (model_dir / name).is_file():
+            return f"{name} is missing"
+    return None
 
 
 def ensure_tiny_model(size: str = "tiny", seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the cached ``(size, seed)`` model directory, building it first if needed.
 
-    Safe under concurrency: builders serialize on a lock file next to the target, build into a
-    private temp dir in the same parent and ``os.rename`` it into place, so the target path either
-    does not exist or is complete. A directory at the target without a valid completion marker
-    (an interrupted copy, a build by other code) is moved aside and rebuilt; leftover temp dirs
-    of crashed builders are removed. Readers that find a complete directory never take the lock.
+    Safe under concurrency and interruption (:func:`rlsys.fsutil.build_dir_once`: lock, private temp
+    dir, rename): the target path either does not exist or is complete, and an unusable directory
+    there is moved aside and rebuilt.
     """
     final = model_cache_path(size, seed, cache_dir)
-    if _is_complete(final, size, seed):
+    if final.exists() and _why_unusable(final, size, seed) is None:
         return final
     if size not in SIZES:
         raise ValueError(f"unknown tiny-model size {size!r}; choose one of {sorted(SIZES)}")
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = f".{final.name}.tmp-"
-    with file_lock(parent / f".{final.name}.lock"):
-        # Another process may have finished while we waited for the lock.
-        if _is_complete(final, size, seed):
-            return final
-        # Holding the lock, any temp dir for this target belongs to a dead builder.
-        for stale in parent.glob(f"{tmp_prefix}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
-            os.rename(final, trash / "invalid")
-            shutil.rmtree(trash, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
-        try:
-            build_tiny_model(tmp, size=size, seed=seed)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+
+    def build(tmp: Path) -> None:
+        build_tiny_model(tmp, size=size, seed=seed)
+
+    return build_dir_once(final, lambda d: _why_unusable(d, size, seed), build, what="tiny model cache")
 
 
 def main(argv: list[str] | None = None) -> int:

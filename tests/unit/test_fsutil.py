@@ -1,11 +1,15 @@
-"""rlsys.fsutil: the directory swap leaves exactly the new copy; the lock excludes another process."""
+"""rlsys.fsutil: the directory swap leaves exactly the new copy; the lock excludes another process; a
+build-once cache directory is built once, rebuilt when unusable and never left half-built."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from pathlib import Path
 
-from rlsys.fsutil import file_lock, replace_dir
+import pytest
+
+from rlsys.fsutil import build_dir_once, file_lock, replace_dir
 
 
 def test_replace_dir_moves_into_place_and_replaces_an_older_copy(tmp_path):
@@ -39,3 +43,37 @@ def test_file_lock_excludes_another_process(tmp_path):
         waited = time.monotonic() - t0
     holder.join(10)
     assert waited > 0.2  # blocked until the holder released it
+
+
+def test_build_dir_once_builds_once_rebuilds_an_unusable_dir_and_cleans_up_a_failed_build(tmp_path, caplog):
+    final = tmp_path / "cache" / "thing"
+    builds: list[Path] = []
+
+    def build(tmp: Path) -> None:
+        builds.append(tmp)
+        (tmp / "ok").write_text("1")
+
+    def why(d: Path) -> str | None:
+        return None if (d / "ok").is_file() else "no ok file"
+
+    assert build_dir_once(final, why, build, what="things") == final
+    assert build_dir_once(final, why, build, what="things") == final
+    assert len(builds) == 1 and (final / "ok").read_text() == "1"
+    assert oct(final.stat().st_mode & 0o777) == "0o755"
+
+    (final / "ok").unlink()  # an unusable directory at the target: named in the log, moved aside, rebuilt
+    (final / "junk").write_text("x")
+    with caplog.at_level("WARNING", logger="rlsys.fsutil"):
+        build_dir_once(final, why, build, what="things")
+    assert len(builds) == 2 and sorted(p.name for p in final.iterdir()) == ["ok"]
+    assert "things" in caplog.text and "no ok file" in caplog.text
+
+    def broken(tmp: Path) -> None:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("disk full")
+
+    other = tmp_path / "cache" / "other"
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_dir_once(other, why, broken, what="things")
+    assert not other.exists()
+    assert [p.name for p in other.parent.iterdir() if p.name.startswith(".other.tmp-")] == []
