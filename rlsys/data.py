@@ -41,13 +41,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlsys.config import ConfigError
+from rlsys.fsutil import atomic_file, write_jsonl
 from rlsys.records import PromptRow
 
 logger = logging.getLogger("rlsys.data")
@@ -435,36 +435,25 @@ def save_rows(rows: Iterable[PromptRow], path: str | os.PathLike) -> Path:
     records = [_record(r) for r in rows]
     if not records:
         raise DataError(f"{p}: no rows to save")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        if suffix in PARQUET_EXTENSIONS:
-            os.close(fd)
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+    if suffix not in PARQUET_EXTENSIONS:
+        return write_jsonl(records, p)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-            schema = pa.schema(
-                [
-                    ("prompt_id", pa.string()),
-                    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-                    ("answer", pa.string()),
-                    ("verifier", pa.string()),
-                    ("task", pa.string()),
-                    ("meta", pa.map_(pa.string(), pa.string())),
-                ]
-            )
-            for rec in records:
-                rec["meta"] = list(rec["meta"].items())
-            pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
-        else:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                for rec in records:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    schema = pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+            ("answer", pa.string()),
+            ("verifier", pa.string()),
+            ("task", pa.string()),
+            ("meta", pa.map_(pa.string(), pa.string())),
+        ]
+    )
+    for rec in records:
+        rec["meta"] = list(rec["meta"].items())
+    with atomic_file(p) as tmp:
+        pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
     return p
 
 

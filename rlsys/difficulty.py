@@ -29,9 +29,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from rlsys.cli import hydra_entry
 from rlsys.config import RLConfig, resolve, validate
 from rlsys.data import PromptFormat, load_pool_rows
 from rlsys.eval import check_eval_resources, model_label, sample_and_grade
+from rlsys.fsutil import write_jsonl
 from rlsys.models import base_model_path, load_tokenizer
 from rlsys.records import GRADE_ERROR, GRADE_TIMEOUT, PromptRow
 
@@ -142,23 +141,6 @@ def annotated_record(row: PromptRow, num_correct: int, num_samples: int) -> dict
     }
     rec.update(pass_rate=rate, num_correct=int(num_correct), num_samples=int(num_samples))
     return rec
-
-
-def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
-    """Write JSON lines atomically (temporary file + rename): a crash never leaves half a dataset."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
 
 
 def load_pass_rates(path: str | Path) -> dict[str, float]:

@@ -1,17 +1,20 @@
 """Small file-system primitives shared by the caches and checkpoints (tiny models, SFT results,
-run checkpoints, HF exports): an inter-process lock, a build-once cache directory and a directory swap."""
+run checkpoints, HF exports, datasets): an inter-process lock, a build-once cache directory, a
+directory swap and atomic file writes."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,31 @@ def build_dir_once(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """``with atomic_file(p) as tmp:`` write ``tmp`` (a fresh temp file beside ``p``); on a clean exit it
+    is renamed to ``p``, on an exception deleted: a crash never leaves a half-written ``p``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write one JSON object per line (UTF-8, non-ASCII kept) atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.fsutil import build_dir_once, file_lock, replace_dir
+from rlsys.fsutil import atomic_file, build_dir_once, file_lock, replace_dir, write_jsonl
 
 
 def test_replace_dir_moves_into_place_and_replaces_an_older_copy(tmp_path):
@@ -77,3 +77,21 @@ def test_build_dir_once_builds_once_rebuilds_an_unusable_dir_and_cleans_up_a_fai
         build_dir_once(other, why, broken, what="things")
     assert not other.exists()
     assert [p.name for p in other.parent.iterdir() if p.name.startswith(".other.tmp-")] == []
+
+
+def test_atomic_file_keeps_the_old_contents_when_the_writer_fails(tmp_path):
+    p = write_jsonl([{"a": "é"}, {"b": 2}], tmp_path / "d" / "rows.jsonl")
+    assert p.read_text(encoding="utf-8") == '{"a": "é"}\n{"b": 2}\n'
+
+    def rows():
+        yield {"c": 3}
+        raise RuntimeError("the generator died half way")
+
+    with pytest.raises(RuntimeError, match="half way"):
+        write_jsonl(rows(), p)
+    assert p.read_text(encoding="utf-8") == '{"a": "é"}\n{"b": 2}\n'  # not the half-written new file
+    assert sorted(x.name for x in p.parent.iterdir()) == ["rows.jsonl"]  # and no temp file left
+    with atomic_file(tmp_path / "new.bin") as tmp:
+        tmp.write_bytes(b"x")
+        assert not (tmp_path / "new.bin").exists()  # visible only after the block
+    assert (tmp_path / "new.bin").read_bytes() == b"x"
