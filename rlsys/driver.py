@@ -31,7 +31,15 @@ import torch
 from rlsys import algo, build, cluster, signals
 from rlsys import checkpoint as ckpt
 from rlsys.build import Actors
-from rlsys.config import ConfigError, RLConfig, TrainerConfig, local_cluster_cpus, resolve, validate
+from rlsys.config import (
+    ConfigError,
+    RLConfig,
+    TrainerConfig,
+    local_cluster_cpus,
+    resolve,
+    sync_logprob_bound,
+    validate,
+)
 from rlsys.data import PromptFormat, encode_prompt, load_eval_rows, load_train_rows, probe_tokens
 from rlsys.eval import EvalResult, eval_metrics, plot_training_evals, run_evaluation
 from rlsys.metrics import MetricsLogger
@@ -549,22 +557,25 @@ def check_sync(
     cfg: RLConfig, learners: LearnerGroupLike, rollout: RolloutGroupLike, probe: list[int], version: int
 ) -> float:
     """Score a fixed probe sequence with every rollout engine and the learner; return the largest
-    mean |logprob difference|. Above ``sync.max_logprob_diff`` the weights did not arrive intact."""
+    mean |logprob difference|. Above the bound (:func:`rlsys.config.sync_logprob_bound`) the weights
+    did not arrive intact."""
     from rlsys.workers.batching import build_train_batch
 
     pb = build_train_batch(
         [probe[:1]], [probe[1:]], [np.zeros(len(probe) - 1, np.float32)], [0.0], pad_token_id=0, loss_normalizer=1.0
     )
     learner_lp = np.asarray(learners.compute_logprobs(pb))[0, 1 : len(probe)]
+    bound = sync_logprob_bound(cfg)
+    which = "" if cfg.sync.max_logprob_diff is not None else f", the {cfg.model.dtype} default"
     worst = 0.0
     for wid, lp in enumerate(rollout.sequence_logprobs(probe)):
         diff = float(np.abs(lp - learner_lp).mean())
         worst = max(worst, diff)
-        if not diff <= cfg.sync.max_logprob_diff:
+        if not diff <= bound:
             raise RuntimeError(
                 f"phase sync: after pushing weights v{version}, rollout worker {wid} scores the probe "
                 f"sequence {diff:.4f} nats/token away from the learner (bound sync.max_logprob_diff="
-                f"{cfg.sync.max_logprob_diff}); the rollout engine is not sampling from the trained weights"
+                f"{bound:g}{which}); the rollout engine is not sampling from the trained weights"
             )
     return worst
 

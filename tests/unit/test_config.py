@@ -61,6 +61,7 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("algo.tis_cap=0.5", "algo.tis_cap"),
         ("model.path=/does/not/exist", "model.path"),
         ("trainer.total_steps=0", "trainer.total_steps"),
+        ("sync.max_logprob_diff=0", "sync.max_logprob_diff"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):

@@ -414,6 +414,37 @@ def test_a_learner_failure_names_the_last_checkpoint_and_how_to_resume(tmp_path,
     assert "run.resume=auto" in str(err.value) and isinstance(err.value.__cause__, LearnerError)
 
 
+class OffsetRollout(FakeRollout):
+    """An engine whose probe log-probs sit ``offset`` nats/token away from the learner's."""
+
+    offset = 0.2
+
+    def sequence_logprobs(self, token_ids, worker=None):
+        self.events.append("sequence_logprobs")
+        return [np.full(len(token_ids) - 1, -1.0 + self.offset, np.float32)]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound", "fails"),
+    [
+        ("float32", None, "(bound sync.max_logprob_diff=0.1, the float32 default)"),
+        ("bfloat16", None, None),
+        ("bfloat16", 0.15, "(bound sync.max_logprob_diff=0.15)"),
+    ],
+)
+def test_the_sync_probe_bound_follows_the_dtype_unless_set(tmp_path, events, dtype, bound, fails):
+    """0.2 nats/token is bf16 kernel noise on a deep model but not in float32 (sync_logprob_bound)."""
+    cfg = make_cfg(tmp_path, model={"dtype": dtype}, sync={"max_logprob_diff": bound}, trainer={"total_steps": 1})
+    actors = Actors(rollout=OffsetRollout(events), reward=FakeReward(events), learners=FakeLearners(events))
+    if fails is None:
+        driver.train(cfg, actors)
+        assert metric_rows(tmp_path)[0]["sync/logprob_diff"] == pytest.approx(0.2)
+    else:
+        with pytest.raises(RuntimeError, match="rollout worker 0 scores the probe sequence 0.2000") as err:
+            driver.train(cfg, actors)
+        assert fails in str(err.value)
+
+
 def documented_metric_keys() -> set[str]:
     """The keys docs/metrics.md names in its tables (first column, backticked; ``@k`` stands for any k)."""
     keys: set[str] = set()
