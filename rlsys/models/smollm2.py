@@ -163,6 +163,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None, gguf: Path |
     """
     src = gguf if gguf is not None else gguf_path()
     digest = sha256_file(src)
+    final = cache_path(digest, cache_dir)
 
     def build(tmp: Path) -> None:
         log.info("smollm2: converting %s into %s (once; then cached)", src.name, final)
@@ -174,5 +175,4 @@ def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None, gguf: Path |
         # The marker is written last: with valid checksums it means every other file is complete.
         (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
-    final = cache_path(digest, cache_dir)
     return build_dir_once(final, lambda d: check_conversion(d, digest), build, what="smollm2")

@@ -219,11 +219,9 @@ def ensure_tiny_model(size: str = "tiny", seed: int = 0, cache_dir: str | os.Pat
     dir, rename): the target path either does not exist or is complete, and an unusable directory
     there is moved aside and rebuilt.
     """
-    final = model_cache_path(size, seed, cache_dir)
-    if final.exists() and _why_unusable(final, size, seed) is None:
-        return final
     if size not in SIZES:
         raise ValueError(f"unknown tiny-model size {size!r}; choose one of {sorted(SIZES)}")
+    final = model_cache_path(size, seed, cache_dir)
 
     def build(tmp: Path) -> None:
         build_tiny_model(tmp, size=size, seed=seed)
