@@ -47,6 +47,9 @@ class RolloutSpec:
     seed: int = 0
     vllm_log_level: str = "WARNING"  # vLLM's own logger inside the worker (its INFO lines are per step)
     trust_remote_code: bool = False  # model.trust_remote_code: run the checkpoint's own modelling code
+    # How weights arrive (sync.transport, resolved): "object_store" (rlsys_reload_weights with a lazy
+    # iterator of Ray refs) or "torchdist" (vLLM's weight-transfer protocol, rlsys.workers.vllm_ext).
+    transport: str = "object_store"
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class RolloutEngine:
         self.spec = spec
         self.worker_id = worker_id
         self.weight_version = 0
+        # Set when a weight transfer failed part-way: vLLM's layerwise reload has then moved layers off
+        # the model and nothing restores them, so the engine must not sample again (the pool replaces it).
+        self.broken: str | None = None
         kwargs: dict[str, Any] = dict(
             model=spec.model_path,
             dtype=spec.dtype,
@@ -129,6 +135,13 @@ class RolloutEngine:
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = spec.kv_cache_memory_bytes
+        if spec.transport == "torchdist":
+            from rlsys.workers.vllm_ext import TORCHDIST_BACKEND, register_engines
+
+            register_engines()  # the in-process engine's worker is this process
+            kwargs["weight_transfer_config"] = {"backend": TORCHDIST_BACKEND}
+        elif spec.transport != "object_store":
+            raise ValueError(f"rollout transport must be object_store or torchdist, got {spec.transport!r}")
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -146,6 +159,7 @@ class RolloutEngine:
         """
         from vllm import SamplingParams
 
+        self._check_usable()
         if len(seeds) != len(requests):
             raise ValueError(f"got {len(seeds)} seeds for {len(requests)} requests")
         if not requests:
@@ -209,6 +223,50 @@ class RolloutEngine:
         self.weight_version = version
         return len(names)
 
+    def join_weight_group(self, addr: Any, backend: str, timeout_s: float) -> None:
+        """Join the transfer group at ``addr`` (a :class:`rlsys.workers.torchdist.GroupAddress`), every TP
+        rank at once; blocks until the learner's end has joined too."""
+        info = {
+            "host": addr.host,
+            "port": addr.port,
+            "world_size": addr.world_size,
+            "name": addr.name,
+            "backend": backend,
+            "timeout_s": timeout_s,
+        }
+        self.llm.init_weight_transfer_engine({"init_info": info})
+
+    def receive_weights(self, meta: list, version: int, bucket_bytes: int, piece_bytes: int) -> list[dict]:
+        """Take one weight stream from the transfer group as ``version`` (vLLM's start / update /
+        finish sequence); return each TP rank's ``{"version", "digest", "nbytes"}`` of what it received.
+
+        On a failure part-way the engine is marked broken (it holds half-updated weights) and raises."""
+        self._check_usable()
+        info = {
+            "names": [m.name for m in meta],
+            "dtypes": [m.dtype for m in meta],
+            "shapes": [list(m.shape) for m in meta],
+            "version": int(version),
+            "bucket_bytes": int(bucket_bytes),
+            "piece_bytes": int(piece_bytes),
+        }
+        try:
+            self.llm.start_weight_update()
+            self.llm.update_weights({"update_info": info})
+            self.llm.finish_weight_update(weight_version=str(version))
+        except BaseException as exc:
+            self.broken = f"weight transfer v{version} failed part-way: {type(exc).__name__}: {exc}"
+            raise
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+        return list(self.llm.collective_rpc("rlsys_transfer_state"))
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise RuntimeError(
+                f"rollout worker {self.worker_id} must be restarted before it samples again: {self.broken}"
+            )
+
     def describe(self) -> dict:
         """``{"dtype": the engine's model dtype, "threads": torch's intra-op threads, "pid"}``."""
         import torch
@@ -220,6 +278,7 @@ class RolloutEngine:
         """log p(token_t | tokens_<t) for t = 1..L-1 under the engine's current weights: [L - 1]."""
         from vllm import SamplingParams
 
+        self._check_usable()
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         out = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)[0]
         lps = []
@@ -319,6 +378,12 @@ class RolloutWorkerActor:
         # The refs arrive inside a list, so Ray does not resolve them eagerly: each bucket is
         # fetched only when the loader reaches it.
         return self.engine.load_weights(_iter_bucket_refs(bucket_refs), version)
+
+    def join_weight_group(self, addr: Any, backend: str, timeout_s: float) -> None:
+        self.engine.join_weight_group(addr, backend, timeout_s)
+
+    def receive_weights(self, meta: list, version: int, bucket_bytes: int, piece_bytes: int) -> list[dict]:
+        return self.engine.receive_weights(meta, version, bucket_bytes, piece_bytes)
 
     def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
         return self.engine.sequence_logprobs(token_ids)

@@ -45,6 +45,7 @@ from rlsys.workers.batching import iter_micro_batches, num_micro_batches
 from rlsys.workers.learner import export, state
 from rlsys.workers.learner.errors import LearnerError
 from rlsys.workers.learner.spec import LearnerSpec, _lr_factor
+from rlsys.workers.torchdist import TensorMeta
 from rlsys.workers.weight_sync import WeightBucket
 
 log = logging.getLogger("rlsys.learner")
@@ -553,6 +554,10 @@ class Learner:
     def iter_named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every HF parameter as (checkpoint name, CPU copy); see :func:`.export.iter_named_weights`."""
         return export.iter_named_weights(self)
+
+    def weight_meta(self) -> list[TensorMeta]:
+        """(name, dtype, shape) of what iter_named_weights yields, in order; see :func:`.export.weight_meta`."""
+        return export.weight_meta(self)
 
     def iter_weight_buckets(self, bucket_bytes: int, dtype: str | None = None) -> Iterator[WeightBucket]:
         """Rank 0: the weights as buckets of ~``bucket_bytes``; see :func:`.export.iter_weight_buckets`."""

@@ -21,12 +21,13 @@ import torch
 
 from rlsys.fsutil import replace_dir
 from rlsys.workers.learner.spec import DTYPES
+from rlsys.workers.torchdist import TensorMeta
 from rlsys.workers.weight_sync import WeightBucket, iter_buckets, unpack_bucket
 
 if TYPE_CHECKING:
     from rlsys.workers.learner.engine import Learner
 
-__all__ = ["iter_named_weights", "iter_weight_buckets", "save_hf", "unpack_weight_bucket"]
+__all__ = ["iter_named_weights", "iter_weight_buckets", "save_hf", "unpack_weight_bucket", "weight_meta"]
 
 # Files of a source checkpoint that save_hf does NOT copy: weights (rewritten), config (rewritten),
 # and rlsys' tiny-model build marker (it describes the untrained weights).
@@ -88,6 +89,23 @@ def iter_named_weights(learner: Learner) -> Iterator[tuple[str, torch.Tensor]]:
             if bname in getattr(module, "_non_persistent_buffers_set", set()):
                 continue  # e.g. rotary inv_freq: recomputed from the config, not in checkpoints
             yield (f"{mod_name}.{bname}" if mod_name else bname), buf.detach().to("cpu", copy=True)
+
+
+def weight_meta(learner: Learner) -> list[TensorMeta]:
+    """What :func:`iter_named_weights` yields, (name, dtype, shape) per tensor in the same order, read
+    from the module structure without gathering anything (ZeRO-3: each parameter's ``ds_shape``).
+    Local to the calling rank; no collective."""
+    meta = []
+    for group in _gather_groups(learner):
+        for name, p in group:
+            shape = tuple(int(s) for s in getattr(p, "ds_shape", p.shape))
+            meta.append(TensorMeta(name, str(p.dtype).removeprefix("torch."), shape))
+    for mod_name, module in learner.hf.named_modules():
+        for bname, buf in module.named_buffers(recurse=False):
+            if bname in getattr(module, "_non_persistent_buffers_set", set()):
+                continue
+            meta.append(TensorMeta.of(f"{mod_name}.{bname}" if mod_name else bname, buf))
+    return meta
 
 
 def iter_weight_buckets(learner: Learner, bucket_bytes: int, dtype: str | None = None) -> Iterator[WeightBucket]:

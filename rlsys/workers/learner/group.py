@@ -60,6 +60,45 @@ class _LearnerActor:
         # One bucket at a time: each is copied into the object store before the next is packed.
         return [ray.put(b) for b in self.learner.iter_weight_buckets(bucket_bytes, dtype)]
 
+    # ---- the torchdist weight transport (rlsys.workers.torchdist); rank 0 is every group's sender ----
+
+    def weight_meta(self) -> list:
+        return self.learner.weight_meta()
+
+    def _sender(self, backend: str, timeout_s: float) -> Any:
+        from rlsys.workers.torchdist import WeightSender
+
+        sender = getattr(self, "sender", None)
+        if sender is None:
+            # NCCL sends from the learner's device; gloo from host memory.
+            device = self.learner.device if backend == "nccl" else torch_device("cpu")
+            host = os.environ.get("RLSYS_TRANSFER_HOST") or _node_ip()
+            sender = self.sender = WeightSender(backend, device, timeout_s, host=host)
+        return sender
+
+    def open_weight_group(self, group_id: int, world_size: int, backend: str, timeout_s: float) -> Any:
+        """Rank 0: a fresh transfer group's address for rollout engine ``group_id``."""
+        return self._sender(backend, timeout_s).open(group_id, world_size)
+
+    def join_weight_group(self, group_id: int) -> None:
+        """Rank 0: block until the engine's ranks have joined group ``group_id``."""
+        self.sender.join(group_id)
+
+    def send_weights(self, bucket_bytes: int, piece_bytes: int, groups: list[int] | None) -> Any:
+        """Every rank: stream the weights (a collective under ZeRO-3); rank 0 broadcasts them to
+        ``groups`` (None: every joined group) and returns the SendReport; other ranks return None."""
+        named = self.learner.iter_named_weights()
+        if self.learner.rank != 0:
+            for _ in named:
+                pass
+            return None
+        return self.sender.send(named, self.learner.weight_meta(), bucket_bytes, piece_bytes, groups)
+
+    def close_weight_group(self, group_id: int) -> None:
+        sender = getattr(self, "sender", None)
+        if sender is not None:
+            sender.close(group_id)
+
     def save_hf(self, path: str, dtype: str | None = None) -> str | None:
         return self.learner.save_hf(path, dtype)
 
@@ -71,6 +110,19 @@ class _LearnerActor:
 
     def close(self) -> None:
         self.learner.close()
+
+
+def torch_device(name: str) -> Any:
+    import torch
+
+    return torch.device(name)
+
+
+def _node_ip() -> str:
+    """This node's address as Ray knows it (the loopback on a local cluster)."""
+    import ray
+
+    return str(ray.util.get_node_ip_address())
 
 
 class _LazyRemote:
@@ -251,6 +303,35 @@ class LearnerGroup:
         return self._wait(
             lambda r, a: a.export_weight_buckets.remote(bucket_bytes, dtype), "export_weights", self.call_timeout_s
         )[0]
+
+    # ---- the torchdist weight transport ---------------------------------------------------------
+
+    def weight_meta(self) -> list:
+        """Rank 0's (name, dtype, shape) list of the weight stream, in stream order."""
+        return self._rank0("weight_meta", lambda a: a.weight_meta.remote(), 60.0)
+
+    def open_weight_group(self, group_id: int, world_size: int, backend: str, timeout_s: float) -> Any:
+        """A fresh transfer group (address) on rank 0 for rollout engine ``group_id``."""
+        return self._rank0(
+            "open_weight_group", lambda a: a.open_weight_group.remote(group_id, world_size, backend, timeout_s), 60.0
+        )
+
+    def join_weight_group_async(self, group_id: int) -> Any:
+        """Rank 0 starts waiting for the engine to join group ``group_id``: the ObjectRef (the engine's
+        join must be issued before this is waited on)."""
+        return self.actors[0].join_weight_group.remote(group_id)
+
+    def send_weights_async(self, bucket_bytes: int, piece_bytes: int, groups: list[int] | None) -> list:
+        """Every rank starts streaming the weights (rank 0 broadcasting): one ObjectRef per rank, rank
+        0's resolving to the SendReport. The receivers must be issued before these are waited on."""
+        return [a.send_weights.remote(bucket_bytes, piece_bytes, groups) for a in self.actors]
+
+    def close_weight_group(self, group_id: int) -> None:
+        self._rank0("close_weight_group", lambda a: a.close_weight_group.remote(group_id), 60.0)
+
+    def _rank0(self, phase: str, issue: Callable[[Any], Any], timeout: float) -> Any:
+        results, _ = self._group.call({0: issue}, phase, timeout)
+        return results[0]
 
     def save_hf(self, path: str, dtype: str | None = None) -> str:
         """Hugging Face checkpoint at ``path`` (written by rank 0 on its file system)."""
