@@ -29,7 +29,7 @@ from typing import Any
 
 from rlsys import signals
 from rlsys.checkpoint import LEARNER_STATE_DIR
-from rlsys.config import ConfigError, RLConfig
+from rlsys.config import ConfigError, RLConfig, sync_transport
 from rlsys.workers import LearnerGroupLike, RewardGroupLike, RolloutGroupLike  # Protocols only: no Ray
 
 log = logging.getLogger("rlsys.build")
@@ -60,7 +60,7 @@ def rollout_spec(cfg: RLConfig, model_path: str) -> Any:
     r = cfg.rollout
     return _spec(
         RolloutSpec,
-        ("max_model_len",),
+        ("max_model_len", "transport"),
         model_path=model_path,
         dtype=cfg.model.dtype,
         max_tokens=r.max_tokens,
@@ -185,12 +185,15 @@ def make_rollout_pool(
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
+    transport: str = "object_store",
 ) -> Any:
     """A started RolloutPool of ``cfg.rollout`` serving ``model_path`` (Ray must be connected).
 
     ``num_workers`` (None: ``rollout.num_workers``), ``temperature``, ``max_tokens`` and ``seed``
     (None: the spec's, from ``rollout.*`` / ``trainer.seed``) are what evaluation jobs change; the
     restart budget (``rollout.max_restarts``), call timeout and resources always come from the config.
+    ``transport``: how weights will arrive (the training job passes the resolved ``sync.transport``;
+    evaluation pools never take weights).
     """
     from rlsys.workers.rollout import RolloutPool
 
@@ -199,7 +202,7 @@ def make_rollout_pool(
     over = {
         k: v for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed)) if v is not None
     }
-    spec = dataclasses.replace(rollout_spec(cfg, model_path), **over)
+    spec = dataclasses.replace(rollout_spec(cfg, model_path), transport=transport, **over)
     # sync.timeout_s is the deadline of a weight push; every other call is bounded by rollout.timeout_s.
     return RolloutPool(
         spec,
@@ -234,6 +237,28 @@ class Actors:
     rollout: RolloutGroupLike  # RolloutPool
     reward: RewardGroupLike  # RewardGroup
     learners: LearnerGroupLike  # LearnerGroup
+    # How a sync moves weights (rlsys.workers.weight_path); None: the object-store path over the
+    # two groups' own calls (what the in-process fakes of the unit tests provide).
+    weights: Any = None
+
+
+def make_weight_path(cfg: RLConfig, learners: Any, rollout: Any) -> Any:
+    """The started weight path of the resolved ``sync.transport`` between the two groups."""
+    from rlsys.workers.weight_path import ObjectStorePath, TorchDistPath
+
+    transport, backend = sync_transport(cfg)
+    if transport == "object_store":
+        return ObjectStorePath(learners, rollout, cfg.sync.bucket_mb << 20)
+    path = TorchDistPath(
+        learners,
+        rollout,
+        backend=backend,
+        bucket_bytes=cfg.sync.bucket_mb << 20,
+        piece_bytes=cfg.sync.piece_mb << 20,
+        timeout_s=cfg.sync.timeout_s,
+    )
+    path.start()
+    return path
 
 
 def log_compute(cfg: RLConfig, learner_info: list[dict], rollout_info: list[dict]) -> None:
@@ -281,7 +306,9 @@ def start_actors(
         if resume:
             # Optimizer state, fp32 master weights and RNG of every rank.
             started["learners"].load_state(str(resume / LEARNER_STATE_DIR))
-        started["rollout"] = make_rollout_pool(cfg, str(resume) if resume else model_path)
+        transport, _ = sync_transport(cfg)
+        started["rollout"] = make_rollout_pool(cfg, str(resume) if resume else model_path, transport=transport)
+        weights = make_weight_path(cfg, started["learners"], started["rollout"])
         log.info(
             "actors up in %.1f s: %d rollout, %d reward, %d learner workers",
             time.perf_counter() - t0,
@@ -289,7 +316,9 @@ def start_actors(
             cfg.reward.num_workers,
             cfg.learner.num_workers,
         )
-        actors = Actors(rollout=started["rollout"], reward=started["reward"], learners=started["learners"])
+        actors = Actors(
+            rollout=started["rollout"], reward=started["reward"], learners=started["learners"], weights=weights
+        )
         log_compute(cfg, actors.learners.ready_info, actors.rollout.describe())
         yield actors
 

@@ -22,6 +22,8 @@ COMPUTE_DTYPES = ("bfloat16", "float32")
 WANDB_MODES = ("offline", "online", "disabled")
 # run.resume: "auto" continues from the newest complete checkpoint in run.output_dir.
 RESUME_MODES = ("never", "auto")
+# sync.transport (rlsys.config.sync_transport resolves auto)
+SYNC_TRANSPORTS = ("auto", "torchdist", "object_store", "nccl", "ipc")
 # Built-in task splits (rlsys.tasks); eval.split takes one of them.
 SPLITS = ("train", "test", "ood")
 EVAL_SPLITS = SPLITS

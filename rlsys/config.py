@@ -25,6 +25,7 @@ from rlsys.choices import (
     PROMPT_FORMATS,
     RESUME_MODES,
     SELECT_MODES,
+    SYNC_TRANSPORTS,
     VLLM_LOG_LEVELS,
     WANDB_MODES,
 )
@@ -176,7 +177,13 @@ class LearnerConfig:
 
 @dataclass
 class SyncConfig:
+    # How weights reach the rollout engines. auto: torchdist. torchdist: vLLM's weight-transfer protocol
+    # over a stateless torch.distributed group per engine (gloo on CPU engines, NCCL on CUDA ones;
+    # rlsys.workers.torchdist). object_store: buckets through Ray's object store into a reload call
+    # (in-process engines only). nccl / ipc: vLLM's built-in engines, CUDA only, not wired yet.
+    transport: str = "auto"
     bucket_mb: int = 256  # weights travel in buckets of about this size
+    piece_mb: int = 16  # torchdist: each bucket is broadcast in pieces of at most this size
     check: bool = True  # after each sync, compare rollout vs learner logprobs on a probe sequence
     # Fail loudly above this mean |diff|. None: 0.1 when the job computes in float32, 0.3 in bfloat16,
     # whose kernel noise grows with depth (a 30-layer model: up to ~0.12; docs/lab-notes.md#config).
@@ -455,7 +462,21 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
             _fail(f"learner.{key}", getattr(lr, key), "must be in [0, 1)")
 
     s = cfg.sync
-    _check_positive(s, "sync", ("bucket_mb", "timeout_s"))
+    _check_positive(s, "sync", ("bucket_mb", "piece_mb", "timeout_s"))
+    if s.transport not in SYNC_TRANSPORTS:
+        _fail("sync.transport", s.transport, f"choose one of {', '.join(SYNC_TRANSPORTS)}")
+    if s.transport in ("nccl", "ipc"):
+        where = (
+            "they run on CUDA only and these rollout engines run on CPU (rollout.num_gpus_per_worker=0)"
+            if not cfg.rollout.num_gpus_per_worker
+            else "they are not wired into rlsys yet"
+        )
+        _fail(
+            "sync.transport",
+            s.transport,
+            f"vLLM's built-in {s.transport} weight-transfer engines cannot be used: {where}; "
+            "sync.transport=torchdist (the auto choice) broadcasts over NCCL on CUDA engines and gloo on CPU ones",
+        )
     if s.max_logprob_diff is not None and not s.max_logprob_diff > 0:
         _fail("sync.max_logprob_diff", s.max_logprob_diff, "must be > 0, or null for the dtype's default")
 
@@ -577,6 +598,15 @@ def resolve_dtype(cfg: RLConfig, probe: Any = None) -> RLConfig:
     else:
         hardware.warn_slow_bf16(choice)
     return dataclasses.replace(cfg, model=dataclasses.replace(m, dtype=choice.dtype, dtype_reason=choice.reason))
+
+
+def sync_transport(cfg: RLConfig) -> tuple[str, str]:
+    """The resolved ``(transport, backend)`` of ``sync.transport``: ``("torchdist", "gloo" | "nccl")``
+    (NCCL when the rollout engines run on CUDA) or ``("object_store", "")``."""
+    transport = "torchdist" if cfg.sync.transport == "auto" else cfg.sync.transport
+    if transport == "object_store":
+        return transport, ""
+    return transport, "nccl" if cfg.rollout.num_gpus_per_worker > 0 else "gloo"
 
 
 def sync_logprob_bound(cfg: RLConfig) -> float:

@@ -58,6 +58,7 @@ from rlsys.records import (
 from rlsys.sampler import PromptSampler, sample_seed
 from rlsys.workers import LearnerGroupLike, RewardGroupLike, RolloutGroupLike
 from rlsys.workers.learner import LearnerError
+from rlsys.workers.weight_path import ObjectStorePath
 
 if TYPE_CHECKING:
     from rlsys.workers.rollout import GenerationStats
@@ -544,12 +545,11 @@ def check_diverged(t: TrainerConfig, step: int, state: LoopState) -> None:
 
 
 def sync_weights(cfg: RLConfig, actors: Actors, version: int, probe: list[int]) -> float:
-    """Push the learners' weights to every rollout engine as ``version``; with ``sync.check``, return
-    the probe's largest logprob difference (:func:`check_sync`), else nan."""
-    refs = actors.learners.export_weight_buckets(cfg.sync.bucket_mb << 20)
-    # The pool keeps the refs (to re-push them into a worker it has to restart).
-    actors.rollout.load_weight_buckets(refs, version)
-    del refs
+    """Push the learners' weights to every rollout engine as ``version`` through the job's weight path
+    (``sync.transport``; it verifies the bytes and replaces an engine whose transfer failed); with
+    ``sync.check``, return the probe's largest logprob difference (:func:`check_sync`), else nan."""
+    path = actors.weights or ObjectStorePath(actors.learners, actors.rollout, cfg.sync.bucket_mb << 20)
+    path.push(version)
     return check_sync(cfg, actors.learners, actors.rollout, probe, version) if cfg.sync.check else float("nan")
 
 

@@ -237,6 +237,12 @@ class ActorGroup:
             self.retire(index)
         self.actors = []
 
+    def replace(self, index: int, what: str, exc: BaseException) -> Any:
+        """Replace actor ``index`` (dead, or alive but unusable: ``exc`` says why) as a death during
+        ``what`` would: within the restart budget, ``on_start`` run on the replacement, whose result
+        is returned."""
+        return self._replace(index, what, exc)
+
     def _replace(self, index: int, what: str, exc: BaseException) -> Any:
         """Replace dead actor ``index`` within the restart budget (WorkerError when it is spent, or at
         once without a restart policy); return what ``on_start`` returned for the replacement."""

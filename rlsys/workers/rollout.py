@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -444,6 +444,9 @@ class RolloutGroup(SupervisedGroup):
         self.sync_timeout_s = self.timeout_s if sync_timeout_s is None else float(sync_timeout_s)
         self.ready_timeout_s = float(ready_timeout_s)
         self._weights: tuple[list, int] | None = None  # latest (bucket refs, version) pushed
+        # A weight path that brings a fresh worker to the current weights itself (torchdist: join its
+        # transfer group and receive them); None: re-push the kept bucket refs.
+        self._feed: WeightFeed | None = None
         self._scratch: list[dict] = [{} for _ in range(num_workers)]
         self._group = ActorGroup(
             RolloutWorkerActor,
@@ -466,8 +469,19 @@ class RolloutGroup(SupervisedGroup):
 
     @property
     def weight_version(self) -> int:
-        """Version of the latest weights pushed through ``load_weight_buckets`` (0: the initial ones)."""
+        """Version of the latest weights pushed (0: the initial ones)."""
+        if self._feed is not None:
+            return self._feed.version
         return self._weights[1] if self._weights is not None else 0
+
+    def set_weight_feed(self, feed: WeightFeed | None) -> None:
+        """From now on a replaced worker is brought up to date by ``feed.attach(index, actor)``."""
+        self._feed = feed
+
+    def restart_worker(self, index: int, what: str, exc: BaseException) -> None:
+        """Replace worker ``index`` (it is alive but unusable, or hung: ``exc`` says why) within the
+        restart budget; the replacement is brought to the current weights like any other."""
+        self._group.replace(index, what, exc)
 
     # ---- supervision hooks ------------------------------------------------------------------------
 
@@ -480,6 +494,8 @@ class RolloutGroup(SupervisedGroup):
         import ray
 
         self._scratch[i] = ray.get(worker.scratch_files.remote(), timeout=60)
+        if self._feed is not None:
+            return self._feed.attach(i, worker)
         if self._weights is None:
             return None
         refs, version = self._weights
@@ -587,6 +603,17 @@ class RolloutGroup(SupervisedGroup):
         the graceful call, which would queue behind a generate call still running."""
         self._group.shutdown("shutdown", timeout_s=60.0)
         self._weights = None
+
+
+class WeightFeed(Protocol):
+    """What a rollout group needs from a weight path that delivers weights itself (torchdist)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def attach(self, index: int, actor: Any) -> Any:
+        """Bring the fresh actor of worker ``index`` to the current weights (a no-op at version 0)."""
+        ...
 
 
 #: The older name of :class:`RolloutGroup` (same class).
