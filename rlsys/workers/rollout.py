@@ -391,6 +391,10 @@ class RolloutWorkerActor:
     def weight_version(self) -> int:
         return self.engine.weight_version
 
+    def vllm_weight_version(self) -> str:
+        """The version vLLM itself holds (set by the transfer protocol's finish step)."""
+        return str(self.engine.llm.get_weight_version())
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

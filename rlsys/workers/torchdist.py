@@ -203,13 +203,13 @@ def receive_buckets(
     piece_bytes: int,
     device: torch.device,
     load: Callable[[list[tuple[str, torch.Tensor]]], None],
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
     """Receive one weight stream from rank 0 of ``pg`` and hand each bucket's (name, tensor) pairs to
-    ``load``; return (crc32 of the bytes, bytes received).
+    ``load``; return (crc32 of the bytes, bytes received, seconds spent inside ``load``).
 
     Each bucket lands in a fresh buffer and the tensors handed to ``load`` are views of it: a loader
     may keep them (vLLM's layerwise reload holds a layer's tensors until the layer is complete)."""
-    digest, total = 0, 0
+    digest, total, load_s = 0, 0, 0.0
     for bucket in plan_buckets(meta, bucket_bytes):
         items = [meta[i] for i in bucket]
         offsets, nbytes = _layout(items)
@@ -218,8 +218,10 @@ def receive_buckets(
             pg.broadcast(buf[piece], 0).wait()
         digest = _crc(buf, digest)
         total += nbytes
+        t0 = time.perf_counter()
         load([(m.name, buf[o : o + m.nbytes].view(_DTYPES[m.dtype]).view(m.shape)) for m, o in zip(items, offsets)])
-    return digest, total
+        load_s += time.perf_counter() - t0
+    return digest, total, load_s
 
 
 def _crc(buf: torch.Tensor, digest: int) -> int:

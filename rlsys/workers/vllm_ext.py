@@ -15,6 +15,7 @@ vLLM imports the ``worker_extension_cls`` module in every worker process before 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,7 @@ class TorchDistTransferEngine(WeightTransferEngine[TorchDistInitInfo, TorchDistU
     def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.group: Any = None
-        self.last: dict[str, int] = {"version": -1, "digest": -1, "nbytes": 0}
+        self.last: dict[str, Any] = {"version": -1, "digest": -1, "nbytes": 0}
 
     def init_transfer_engine(self, init_info: TorchDistInitInfo) -> None:
         self.shutdown()
@@ -120,10 +121,17 @@ class TorchDistTransferEngine(WeightTransferEngine[TorchDistInitInfo, TorchDistU
         def load(pairs: list[tuple[str, torch.Tensor]]) -> None:
             self.model.load_weights(_with_tied_head(pairs, alias))
 
-        digest, nbytes = receive_buckets(
+        t0 = time.perf_counter()
+        digest, nbytes, load_s = receive_buckets(
             self.group, update_info.meta(), update_info.bucket_bytes, update_info.piece_bytes, self.buffer_device, load
         )
-        self.last = {"version": int(update_info.version), "digest": digest, "nbytes": nbytes}
+        self.last = {
+            "version": int(update_info.version),
+            "digest": digest,
+            "nbytes": nbytes,
+            "receive_s": time.perf_counter() - t0,  # the whole stream, loading included
+            "load_s": load_s,  # of which in vLLM's load_weights
+        }
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which raises on a CPU-only torch
@@ -135,7 +143,9 @@ class TorchDistTransferEngine(WeightTransferEngine[TorchDistInitInfo, TorchDistU
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        t0 = time.perf_counter()
         finalize_layerwise_reload(self.model, self.model_config)
+        self.last["finalize_s"] = time.perf_counter() - t0
 
     def shutdown(self) -> None:
         group, self.group = self.group, None
@@ -181,7 +191,7 @@ class WeightReloadExtension:
     def _needs_tied_head_alias(self) -> bool:
         return _needs_tied_head_alias(self.model_runner.get_model(), self.model_runner.model_config.hf_config)
 
-    def rlsys_transfer_state(self) -> dict[str, int]:
+    def rlsys_transfer_state(self) -> dict[str, Any]:
         """The transfer engine's latest completed stream, ``{"version", "digest", "nbytes"}``."""
         engine = getattr(self, "weight_transfer_engine", None)
         if not isinstance(engine, TorchDistTransferEngine):

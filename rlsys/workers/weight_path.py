@@ -35,8 +35,11 @@ class SyncReport:
 
     transport: str
     nbytes: int
-    send_seconds: float
+    seconds: float  # the whole push, replacements included
     replaced: tuple[int, ...] = field(default_factory=tuple)
+    send_seconds: float = 0.0  # torchdist: learner rank 0 packing and broadcasting
+    # torchdist: per engine, each TP rank's {"version", "digest", "nbytes", "receive_s", "load_s", "finalize_s"}
+    engines: dict[int, list[dict]] = field(default_factory=dict)
 
 
 class TransferMismatch(RuntimeError):
@@ -56,9 +59,10 @@ class ObjectStorePath:
         return int(self.rollout.weight_version)
 
     def push(self, version: int) -> SyncReport:
+        t0 = time.perf_counter()
         refs = self.learners.export_weight_buckets(self.bucket_bytes)
         self.rollout.load_weight_buckets(refs, version)
-        return SyncReport(self.transport, 0, 0.0)
+        return SyncReport(self.transport, 0, time.perf_counter() - t0)
 
     def close(self) -> None:
         pass
@@ -122,17 +126,17 @@ class TorchDistPath:
         self._connect({index: actor})
         if self.version == 0:
             return 0
-        sent, failed = self._transfer({index: actor}, self.version)
+        report, failed, _ = self._transfer({index: actor}, self.version)
         if failed:
             raise failed[index]
-        return sent
+        return report.nbytes
 
     # ---- one sync -------------------------------------------------------------------------------
 
     def push(self, version: int) -> SyncReport:
         t0 = time.perf_counter()
         actors = dict(enumerate(self.rollout.workers))
-        sent, failed = self._transfer(actors, version)
+        report, failed, states = self._transfer(actors, version)
         self.version = int(version)
         replaced = []
         for i, exc in sorted(failed.items()):
@@ -140,11 +144,19 @@ class TorchDistPath:
             # The replacement joins a fresh group and receives v`version` (attach) before this returns.
             self.rollout.restart_worker(i, f"sync (receiving weights v{version})", exc)
             replaced.append(i)
-        return SyncReport(self.transport, sent, time.perf_counter() - t0, tuple(replaced))
+        return SyncReport(
+            self.transport,
+            report.nbytes,
+            time.perf_counter() - t0,
+            tuple(replaced),
+            send_seconds=report.seconds,
+            engines=states,
+        )
 
-    def _transfer(self, actors: dict[int, Any], version: int) -> tuple[int, dict[int, BaseException]]:
-        """Send the current weights as ``version`` to ``actors``' groups; return (bytes per engine,
-        the workers whose transfer failed -> why). A learner failure raises."""
+    def _transfer(self, actors: dict[int, Any], version: int) -> tuple[Any, dict[int, BaseException], dict]:
+        """Send the current weights as ``version`` to ``actors``' groups; return (the sender's
+        SendReport, the workers whose transfer failed -> why, the others' TP-rank states). A learner
+        failure raises."""
         import ray
 
         groups = sorted(actors)
@@ -167,6 +179,7 @@ class TorchDistPath:
         failed: dict[int, BaseException] = {
             g: TransferError(f"the sender dropped its group: {why}") for g, why in report.failed.items()
         }
+        received: dict[int, list[dict]] = {}
         for i, ref in recv.items():
             if i in failed:
                 continue  # hung or dead: the replacement kills it; do not wait on it
@@ -181,7 +194,9 @@ class TorchDistPath:
                     f"rollout worker {i} received {bad[0]} but the learner sent version {version}, crc32 "
                     f"{report.digest} ({report.nbytes} bytes)"
                 )
-        return report.nbytes, failed
+            else:
+                received[i] = states
+        return report, failed, received
 
     def close(self) -> None:
         self.rollout.set_weight_feed(None)

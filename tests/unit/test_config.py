@@ -160,3 +160,21 @@ def test_data_num_test_is_gone_because_jobs_size_their_held_out_rows():
     from rlsys.config import DataConfig
 
     assert not hasattr(DataConfig(), "num_test")
+
+
+def test_sync_transport_resolves_auto_and_refuses_vllms_cuda_engines_on_cpu():
+    from rlsys.config import sync_transport
+
+    cfg = make()
+    validate(cfg)
+    assert cfg.sync.transport == "auto" and sync_transport(cfg) == ("torchdist", "gloo")
+    assert sync_transport(make("sync.transport=object_store")) == ("object_store", "")
+    gpu = make("sync.transport=torchdist", "rollout.num_gpus_per_worker=1")
+    assert sync_transport(gpu) == ("torchdist", "nccl")
+    for name in ("nccl", "ipc"):
+        with pytest.raises(ConfigError, match=rf"sync.transport='{name}'.*CUDA only.*num_gpus_per_worker=0"):
+            validate(make(f"sync.transport={name}"))
+    with pytest.raises(ConfigError, match="sync.transport='gloo'.*choose one of auto, torchdist"):
+        validate(make("sync.transport=gloo"))
+    with pytest.raises(ConfigError, match="sync.piece_mb"):
+        validate(make("sync.piece_mb=0"))
