@@ -29,7 +29,7 @@ from typing import Any
 
 from rlsys import signals
 from rlsys.checkpoint import LEARNER_STATE_DIR
-from rlsys.config import ConfigError, RLConfig, sync_transport
+from rlsys.config import ConfigError, RLConfig, sync_bucket_bytes, sync_transport
 from rlsys.workers import LearnerGroupLike, RewardGroupLike, RolloutGroupLike  # Protocols only: no Ray
 
 log = logging.getLogger("rlsys.build")
@@ -248,12 +248,12 @@ def make_weight_path(cfg: RLConfig, learners: Any, rollout: Any) -> Any:
 
     transport, backend = sync_transport(cfg)
     if transport == "object_store":
-        return ObjectStorePath(learners, rollout, cfg.sync.bucket_mb << 20)
+        return ObjectStorePath(learners, rollout, sync_bucket_bytes(cfg, transport))
     path = TorchDistPath(
         learners,
         rollout,
         backend=backend,
-        bucket_bytes=cfg.sync.bucket_mb << 20,
+        bucket_bytes=sync_bucket_bytes(cfg, transport),
         piece_bytes=cfg.sync.piece_mb << 20,
         timeout_s=cfg.sync.timeout_s,
     )

@@ -182,7 +182,10 @@ class SyncConfig:
     # rlsys.workers.torchdist). object_store: buckets through Ray's object store into a reload call
     # (in-process engines only). nccl / ipc: vLLM's built-in engines, CUDA only, not wired yet.
     transport: str = "auto"
-    bucket_mb: int = 256  # weights travel in buckets of about this size
+    # Weights travel in buckets of about this size. None: the transport's default (sync_bucket_bytes):
+    # 256 for object_store (fewer, larger objects), 32 for torchdist (a bucket is loaded while the
+    # next one is on the wire; docs/weight-transfer.md).
+    bucket_mb: int | None = None
     piece_mb: int = 16  # torchdist: each bucket is broadcast in pieces of at most this size
     check: bool = True  # after each sync, compare rollout vs learner logprobs on a probe sequence
     # Fail loudly above this mean |diff|. None: 0.1 when the job computes in float32, 0.3 in bfloat16,
@@ -462,7 +465,9 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
             _fail(f"learner.{key}", getattr(lr, key), "must be in [0, 1)")
 
     s = cfg.sync
-    _check_positive(s, "sync", ("bucket_mb", "piece_mb", "timeout_s"))
+    _check_positive(s, "sync", ("piece_mb", "timeout_s"))
+    if s.bucket_mb is not None and s.bucket_mb < 1:
+        _fail("sync.bucket_mb", s.bucket_mb, "must be >= 1, or null for the transport's default")
     if s.transport not in SYNC_TRANSPORTS:
         _fail("sync.transport", s.transport, f"choose one of {', '.join(SYNC_TRANSPORTS)}")
     if s.transport in ("nccl", "ipc"):
@@ -607,6 +612,14 @@ def sync_transport(cfg: RLConfig) -> tuple[str, str]:
     if transport == "object_store":
         return transport, ""
     return transport, "nccl" if cfg.rollout.num_gpus_per_worker > 0 else "gloo"
+
+
+def sync_bucket_bytes(cfg: RLConfig, transport: str) -> int:
+    """Bucket size of ``transport`` in bytes: ``sync.bucket_mb``, or the transport's default."""
+    mb = cfg.sync.bucket_mb
+    if mb is None:
+        mb = 256 if transport == "object_store" else 32
+    return int(mb) << 20
 
 
 def sync_logprob_bound(cfg: RLConfig) -> float:

@@ -37,6 +37,7 @@ from rlsys.config import (
     TrainerConfig,
     local_cluster_cpus,
     resolve,
+    sync_bucket_bytes,
     sync_logprob_bound,
     validate,
 )
@@ -548,7 +549,7 @@ def sync_weights(cfg: RLConfig, actors: Actors, version: int, probe: list[int]) 
     """Push the learners' weights to every rollout engine as ``version`` through the job's weight path
     (``sync.transport``; it verifies the bytes and replaces an engine whose transfer failed); with
     ``sync.check``, return the probe's largest logprob difference (:func:`check_sync`), else nan."""
-    path = actors.weights or ObjectStorePath(actors.learners, actors.rollout, cfg.sync.bucket_mb << 20)
+    path = actors.weights or ObjectStorePath(actors.learners, actors.rollout, sync_bucket_bytes(cfg, "object_store"))
     path.push(version)
     return check_sync(cfg, actors.learners, actors.rollout, probe, version) if cfg.sync.check else float("nan")
 

@@ -203,25 +203,38 @@ def receive_buckets(
     piece_bytes: int,
     device: torch.device,
     load: Callable[[list[tuple[str, torch.Tensor]]], None],
-) -> tuple[int, int, float]:
+) -> dict[str, Any]:
     """Receive one weight stream from rank 0 of ``pg`` and hand each bucket's (name, tensor) pairs to
-    ``load``; return (crc32 of the bytes, bytes received, seconds spent inside ``load``).
+    ``load``; return ``{"digest": crc32 of the bytes, "nbytes", "load_s": seconds inside load,
+    "wait_s": seconds waiting on the broadcasts}``.
 
     Each bucket lands in a fresh buffer and the tensors handed to ``load`` are views of it: a loader
     may keep them (vLLM's layerwise reload holds a layer's tensors until the layer is complete)."""
-    digest, total, load_s = 0, 0, 0.0
-    for bucket in plan_buckets(meta, bucket_bytes):
+    digest, total, load_s, wait_s = 0, 0, 0.0, 0.0
+    buckets = plan_buckets(meta, bucket_bytes)
+
+    def post(bucket: range) -> tuple[list[TensorMeta], list[int], torch.Tensor, list[Any]]:
         items = [meta[i] for i in bucket]
         offsets, nbytes = _layout(items)
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        for piece in _pieces(nbytes, piece_bytes):
-            pg.broadcast(buf[piece], 0).wait()
+        return items, offsets, buf, [pg.broadcast(buf[p], 0) for p in _pieces(nbytes, piece_bytes)]
+
+    # Two buckets in flight: the next one arrives while this one is hashed and loaded.
+    nxt = post(buckets[0]) if buckets else None
+    for k in range(len(buckets)):
+        assert nxt is not None
+        items, offsets, buf, works = nxt
+        t0 = time.perf_counter()
+        for work in works:
+            work.wait()
+        wait_s += time.perf_counter() - t0
+        nxt = post(buckets[k + 1]) if k + 1 < len(buckets) else None
         digest = _crc(buf, digest)
-        total += nbytes
+        total += buf.numel()
         t0 = time.perf_counter()
         load([(m.name, buf[o : o + m.nbytes].view(_DTYPES[m.dtype]).view(m.shape)) for m, o in zip(items, offsets)])
         load_s += time.perf_counter() - t0
-    return digest, total, load_s
+    return {"digest": digest, "nbytes": total, "load_s": load_s, "wait_s": wait_s}
 
 
 def _crc(buf: torch.Tensor, digest: int) -> int:
@@ -238,6 +251,7 @@ class SendReport:
     nbytes: int
     seconds: float
     failed: dict[int, str] = field(default_factory=dict)
+    wait_seconds: float = 0.0  # of ``seconds``, waiting on the broadcasts (the rest: the stream, packing, crc)
 
 
 class WeightSender:
@@ -297,7 +311,8 @@ class WeightSender:
         """Broadcast the stream ``named`` (checked against ``meta``) to ``groups`` (default: all joined).
 
         The stream is packed once per bucket and each piece is broadcast on every live group before
-        any is waited on, so the groups receive concurrently. A group whose broadcast fails (its
+        any is waited on, so the groups receive concurrently; the next bucket is packed while the
+        previous one is still on the wire. A group whose broadcast fails (its
         engine died, or did not take a piece within ``timeout_s``) is closed and reported in
         ``failed``; the others get the whole stream. The stream is always drained (under ZeRO-3 the
         other learner ranks gather in step with it)."""
@@ -305,34 +320,57 @@ class WeightSender:
         live = {g: self._groups[g] for g in (self.groups if groups is None else groups)}
         failed: dict[int, str] = {}
         stream = checked(named, meta)
-        digest, total = 0, 0
+        digest, total, wait_s = 0, 0, 0.0
+
+        def settle(works: dict[int, list[Any]]) -> None:
+            """Wait on one bucket's broadcasts; a group that fails is closed and reported."""
+            for g, ws in works.items():
+                for work in ws:
+                    if g in failed:
+                        break
+                    try:
+                        work.wait()
+                    except Exception as exc:  # noqa: BLE001 - a broken group is reported, not fatal
+                        failed[g] = f"{type(exc).__name__}: {exc}"
+                if g in failed and g in live:
+                    del live[g]
+                    self.close(g)
+
+        # Two buckets in flight: the next one is packed (and the stream advanced) while the
+        # previous one is on the wire and the receivers load it.
+        inflight: dict[int, list[Any]] = {}
         for bucket in plan_buckets(meta, bucket_bytes):
             items = [meta[i] for i in bucket]
             offsets, nbytes = _layout(items)
-            buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)  # zeros: the padding is hashed too
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            end = 0
             for m, o in zip(items, offsets):
+                buf[end:o].zero_()  # the padding is hashed too
                 buf[o : o + m.nbytes].copy_(next(stream)[1].contiguous().view(-1).view(torch.uint8))
-            for piece in _pieces(buf.numel(), piece_bytes):
-                works = {}
-                for g, pg in live.items():
-                    try:
-                        works[g] = pg.broadcast(buf[piece], 0)
-                    except Exception as exc:  # noqa: BLE001 - a broken group is reported, not fatal
-                        failed[g] = f"{type(exc).__name__}: {exc}"
-                for g, work in works.items():
-                    try:
-                        work.wait()
-                    except Exception as exc:  # noqa: BLE001 - see above
-                        failed[g] = f"{type(exc).__name__}: {exc}"
-                for g in failed:
-                    if g in live:
-                        del live[g]
-                        self.close(g)
+                end = o + m.nbytes
+            buf[end:].zero_()
             digest = _crc(buf, digest)
-            total += buf.numel()
+            total += nbytes
+            works: dict[int, list[Any]] = {}
+            for g, pg in live.items():
+                try:
+                    works[g] = [pg.broadcast(buf[p], 0) for p in _pieces(nbytes, piece_bytes)]
+                except Exception as exc:  # noqa: BLE001 - see settle
+                    failed[g] = f"{type(exc).__name__}: {exc}"
+            t_wait = time.perf_counter()
+            settle(inflight)
+            wait_s += time.perf_counter() - t_wait
+            inflight = works
+        t_wait = time.perf_counter()
+        settle(inflight)
+        wait_s += time.perf_counter() - t_wait
+        for g in list(failed):
+            if g in live:
+                del live[g]
+                self.close(g)
         for _ in stream:  # raises if the stream runs past the metadata
             pass
-        return SendReport(digest, total, time.perf_counter() - t0, failed)
+        return SendReport(digest, total, time.perf_counter() - t0, failed, wait_s)
 
     def close(self, group_id: int) -> None:
         """Release group ``group_id`` (idempotent)."""

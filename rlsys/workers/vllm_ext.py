@@ -122,16 +122,11 @@ class TorchDistTransferEngine(WeightTransferEngine[TorchDistInitInfo, TorchDistU
             self.model.load_weights(_with_tied_head(pairs, alias))
 
         t0 = time.perf_counter()
-        digest, nbytes, load_s = receive_buckets(
+        got = receive_buckets(
             self.group, update_info.meta(), update_info.bucket_bytes, update_info.piece_bytes, self.buffer_device, load
         )
-        self.last = {
-            "version": int(update_info.version),
-            "digest": digest,
-            "nbytes": nbytes,
-            "receive_s": time.perf_counter() - t0,  # the whole stream, loading included
-            "load_s": load_s,  # of which in vLLM's load_weights
-        }
+        # receive_s: the whole stream, of which load_s in vLLM's load_weights and wait_s in the broadcasts.
+        self.last = {"version": int(update_info.version), **got, "receive_s": time.perf_counter() - t0}
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which raises on a CPU-only torch

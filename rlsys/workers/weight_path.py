@@ -37,7 +37,8 @@ class SyncReport:
     nbytes: int
     seconds: float  # the whole push, replacements included
     replaced: tuple[int, ...] = field(default_factory=tuple)
-    send_seconds: float = 0.0  # torchdist: learner rank 0 packing and broadcasting
+    send_seconds: float = 0.0  # torchdist: learner rank 0 streaming, packing and broadcasting
+    send_wait_seconds: float = 0.0  # of which waiting on the broadcasts
     # torchdist: per engine, each TP rank's {"version", "digest", "nbytes", "receive_s", "load_s", "finalize_s"}
     engines: dict[int, list[dict]] = field(default_factory=dict)
 
@@ -150,6 +151,7 @@ class TorchDistPath:
             time.perf_counter() - t0,
             tuple(replaced),
             send_seconds=report.seconds,
+            send_wait_seconds=report.wait_seconds,
             engines=states,
         )
 
@@ -176,6 +178,9 @@ class TorchDistPath:
                 f"phase sync: the learners failed sending weights v{version}: {short_error(exc)}", group="learner"
             ) from exc
         report = reports[0]
+        # Every receiver the sender did not drop holds all the bytes now; loading what is left must
+        # fit in one more sync.timeout_s.
+        deadline = time.monotonic() + self.timeout_s
         failed: dict[int, BaseException] = {
             g: TransferError(f"the sender dropped its group: {why}") for g, why in report.failed.items()
         }

@@ -78,14 +78,17 @@ def _receive(addr, meta, bucket, piece, mode, queue):  # runs in a spawned proce
 
     def load(pairs):
         calls[0] += 1
-        if mode == "die" and calls[0] == 2:
+        # At the first bucket: the second is already posted (two in flight), the third is not, so the
+        # sender sees the failure on the third.
+        if mode == "die" and calls[0] == 1:
             os._exit(3)
-        if mode == "hang" and calls[0] == 2:
+        if mode == "hang" and calls[0] == 1:
             time.sleep(60)
         got.update(pairs)  # keeps the views: each bucket must be a fresh buffer
 
     try:
-        digest, nbytes, _ = receive_buckets(group, meta, bucket, piece, torch.device("cpu"), load)
+        got_stats = receive_buckets(group, meta, bucket, piece, torch.device("cpu"), load)
+        digest, nbytes = got_stats["digest"], got_stats["nbytes"]
         # As plain bytes: tensors on a queue travel as shared fds that die with this process.
         queue.put((mode, digest, nbytes, {k: (v.dtype, tuple(v.shape), _bytes(v)) for k, v in got.items()}, calls[0]))
     except Exception as exc:  # noqa: BLE001 - reported to the test

@@ -551,9 +551,9 @@ class Learner:
 
     # ---- weight export (export.py) and training state (state.py) ------------------------------------
 
-    def iter_named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_named_weights(self, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Every HF parameter as (checkpoint name, CPU copy); see :func:`.export.iter_named_weights`."""
-        return export.iter_named_weights(self)
+        return export.iter_named_weights(self, copy)
 
     def weight_meta(self) -> list[TensorMeta]:
         """(name, dtype, shape) of what iter_named_weights yields, in order; see :func:`.export.weight_meta`."""

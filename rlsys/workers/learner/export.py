@@ -66,8 +66,12 @@ def _gather_groups(learner: Learner) -> Iterator[list[tuple[str, torch.nn.Parame
         yield group
 
 
-def iter_named_weights(learner: Learner) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_named_weights(learner: Learner, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter of the HF model as (HF checkpoint name, CPU tensor copy), module order.
+
+    ``copy=False``: parameters already in CPU memory come as detached views of the live weights (a
+    consumer that copies each one at once, such as the torchdist sender, saves a pass over the
+    model); gathered ZeRO-3 parameters are always copied (the gather is released after each group).
 
     A tied matrix comes once, as a checkpoint stores it (``model.embed_tokens.weight``, no
     ``lm_head.weight``): vLLM's loaders tie it themselves, and some (Gemma 2 / 3) have no ``lm_head``
@@ -82,13 +86,13 @@ def iter_named_weights(learner: Learner) -> Iterator[tuple[str, torch.Tensor]]:
         params = list({id(p): p for _, p in group}.values())
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if z3 else nullcontext()
         with ctx:
-            copies = [(name, p.detach().to("cpu", copy=True)) for name, p in group]
+            copies = [(name, p.detach().to("cpu", copy=copy or z3)) for name, p in group]
         yield from copies
     for mod_name, module in learner.hf.named_modules():
         for bname, buf in module.named_buffers(recurse=False):
             if bname in getattr(module, "_non_persistent_buffers_set", set()):
                 continue  # e.g. rotary inv_freq: recomputed from the config, not in checkpoints
-            yield (f"{mod_name}.{bname}" if mod_name else bname), buf.detach().to("cpu", copy=True)
+            yield (f"{mod_name}.{bname}" if mod_name else bname), buf.detach().to("cpu", copy=copy)
 
 
 def weight_meta(learner: Learner) -> list[TensorMeta]:

@@ -87,7 +87,7 @@ class _LearnerActor:
     def send_weights(self, bucket_bytes: int, piece_bytes: int, groups: list[int] | None) -> Any:
         """Every rank: stream the weights (a collective under ZeRO-3); rank 0 broadcasts them to
         ``groups`` (None: every joined group) and returns the SendReport; other ranks return None."""
-        named = self.learner.iter_named_weights()
+        named = self.learner.iter_named_weights(copy=False)  # the sender copies each into its bucket
         if self.learner.rank != 0:
             for _ in named:
                 pass
