@@ -1,15 +1,14 @@
-"""Weight sync: learner weights -> every rollout engine.
+"""The object-store weight transport (``sync.transport=object_store``): learner weights -> every rollout engine.
 
-The one transport today (CPU and GPU alike): the learner group streams (name, tensor) pairs (ZeRO-3 gathers one
+The default transport is torchdist (rlsys.workers.torchdist, docs/weight-transfer.md); this one stays
+as the fallback. The learner group streams (name, tensor) pairs (ZeRO-3 gathers one
 layer at a time), rank 0 packs them into buckets of ~``bucket_bytes`` and ``ray.put``s each one;
 bf16 tensors travel as int16 numpy views, which Ray's object store hands back zero-copy. Each
 rollout worker pulls the buckets lazily inside one ``reload_weights`` call, so one bucket at a
 time is resident on the rollout side. Measurements (against pickled torch tensors):
 docs/lab-notes.md#weight_sync.
 
-There is no GPU-native (NCCL) transport yet: on GPU clusters the same object-store path runs.
-A device-to-device transport is the weight-transfer issue's work; it should reuse this module's
-bucket record and version bookkeeping.
+It needs in-process engines: each engine takes a lazy Python iterator over the refs.
 """
 
 from __future__ import annotations

@@ -53,7 +53,18 @@ def fake_groups(monkeypatch):
     FakeGroup.fail_on = set()
     monkeypatch.setattr(build, "make_reward_pool", lambda cfg: FakeGroup("reward", cfg))
     monkeypatch.setattr(build, "make_learner_group", lambda cfg, spec, init_dir=None: FakeGroup("learners", spec))
-    monkeypatch.setattr(build, "make_rollout_pool", lambda cfg, path, **kw: FakeGroup("rollout", path))
+    def rollout_pool(cfg, path, **kw):
+        FakeGroup.events.append(f"rollout transport {kw.get('transport')}")
+        return FakeGroup("rollout", path)
+
+    def weight_path(cfg, learners, rollout):
+        if "weights" in FakeGroup.fail_on:
+            raise RuntimeError("weights failed to start")
+        FakeGroup.events.append(f"weights {learners.kind} -> {rollout.kind}")
+        return "the weight path"
+
+    monkeypatch.setattr(build, "make_rollout_pool", rollout_pool)
+    monkeypatch.setattr(build, "make_weight_path", weight_path)
     monkeypatch.setattr(build, "learner_spec", lambda cfg, path: ("spec", path))
     return FakeGroup
 
@@ -62,7 +73,15 @@ def test_start_actors_starts_in_order_and_shuts_down_rollout_reward_learners(fak
     with build.start_actors(_cfg(), "/m", None, tmp_path, verifiers=["math", "exact", "math"]) as actors:
         assert [actors.reward.kind, actors.learners.kind, actors.rollout.kind] == ["reward", "learners", "rollout"]
         assert actors.rollout.args == ("/m",)
-        assert fake_groups.events == ["start reward", "validate ['exact', 'math']", "start learners", "start rollout"]
+        assert fake_groups.events == [
+            "start reward",
+            "validate ['exact', 'math']",
+            "start learners",
+            "rollout transport torchdist",  # sync.transport=auto
+            "start rollout",
+            "weights learners -> rollout",  # the groups are formed once both ends are up
+        ]
+        assert actors.weights == "the weight path"
     assert fake_groups.events[-3:] == ["stop rollout", "stop reward", "stop learners"]
 
 
@@ -80,6 +99,7 @@ def test_start_actors_resume_loads_learner_state_and_serves_the_checkpoint(fake_
     [
         ("learners", ["stop reward"]),
         ("rollout", ["stop reward", "stop learners"]),
+        ("weights", ["stop rollout", "stop reward", "stop learners"]),
     ],
 )
 def test_a_start_up_failure_shuts_down_every_group_already_started(fake_groups, tmp_path, failing, stopped):
