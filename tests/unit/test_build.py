@@ -53,6 +53,7 @@ def fake_groups(monkeypatch):
     FakeGroup.fail_on = set()
     monkeypatch.setattr(build, "make_reward_pool", lambda cfg: FakeGroup("reward", cfg))
     monkeypatch.setattr(build, "make_learner_group", lambda cfg, spec, init_dir=None: FakeGroup("learners", spec))
+
     def rollout_pool(cfg, path, **kw):
         FakeGroup.events.append(f"rollout transport {kw.get('transport')}")
         return FakeGroup("rollout", path)
