@@ -417,8 +417,10 @@ class RolloutGroup(SupervisedGroup):
       error. A replacement that fails to start counts as another failure of that worker. Errors
       raised *by* a call (bad input, a bug: WorkerError) and calls overrunning ``timeout_s``
       (:class:`~rlsys.workers.supervision.WorkerTimeout`) are not retried.
-    * To re-push weights the group keeps the latest weight-bucket refs (one copy of the model in
-      Ray's object store between syncs) until the next ``load_weight_buckets`` replaces them.
+    * With a weight feed set (``set_weight_feed``: the torchdist path) a replacement is brought up
+      to date by the feed (a fresh transfer group, the current weights). Without one, the group keeps
+      the latest weight-bucket refs to re-push (one copy of the model in Ray's object store between
+      syncs) until the next ``load_weight_buckets`` replaces them.
 
     ``restarts`` counts replacements over the group's life; ``GenerationStats.restarts`` the ones
     during one generate call. The supervision itself is :class:`rlsys.workers.group.ActorGroup`.
