@@ -72,7 +72,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=_DTYPES[self.dtype]).element_size()
+        return math.prod(self.shape) * _DTYPES[self.dtype].itemsize
 
     @staticmethod
     def of(name: str, t: torch.Tensor) -> TensorMeta:
@@ -244,8 +244,8 @@ def _crc(buf: torch.Tensor, digest: int) -> int:
 
 @dataclass
 class SendReport:
-    """What one :meth:`WeightSender.send` did: the stream's crc32 and size, and per group either None
-    (delivered) or the error that dropped it."""
+    """What one :meth:`WeightSender.send` did: the stream's crc32 and size, and the groups it dropped
+    (group id -> the error); every other group got the whole stream."""
 
     digest: int
     nbytes: int
@@ -322,19 +322,22 @@ class WeightSender:
         stream = checked(named, meta)
         digest, total, wait_s = 0, 0, 0.0
 
+        def drop(g: int, exc: Exception) -> None:
+            """A broken group is closed and reported, not fatal: the others carry on."""
+            failed[g] = f"{type(exc).__name__}: {exc}"
+            live.pop(g, None)
+            self.close(g)
+
         def settle(works: dict[int, list[Any]]) -> None:
-            """Wait on one bucket's broadcasts; a group that fails is closed and reported."""
+            """Wait on one bucket's broadcasts."""
             for g, ws in works.items():
                 for work in ws:
                     if g in failed:
                         break
                     try:
                         work.wait()
-                    except Exception as exc:  # noqa: BLE001 - a broken group is reported, not fatal
-                        failed[g] = f"{type(exc).__name__}: {exc}"
-                if g in failed and g in live:
-                    del live[g]
-                    self.close(g)
+                    except Exception as exc:  # noqa: BLE001 - see drop
+                        drop(g, exc)
 
         # Two buckets in flight: the next one is packed (and the stream advanced) while the
         # previous one is on the wire and the receivers load it.
@@ -352,11 +355,11 @@ class WeightSender:
             digest = _crc(buf, digest)
             total += nbytes
             works: dict[int, list[Any]] = {}
-            for g, pg in live.items():
+            for g, pg in list(live.items()):
                 try:
                     works[g] = [pg.broadcast(buf[p], 0) for p in _pieces(nbytes, piece_bytes)]
-                except Exception as exc:  # noqa: BLE001 - see settle
-                    failed[g] = f"{type(exc).__name__}: {exc}"
+                except Exception as exc:  # noqa: BLE001 - see drop
+                    drop(g, exc)
             t_wait = time.perf_counter()
             settle(inflight)
             wait_s += time.perf_counter() - t_wait
@@ -364,10 +367,6 @@ class WeightSender:
         t_wait = time.perf_counter()
         settle(inflight)
         wait_s += time.perf_counter() - t_wait
-        for g in list(failed):
-            if g in live:
-                del live[g]
-                self.close(g)
         for _ in stream:  # raises if the stream runs past the metadata
             pass
         return SendReport(digest, total, time.perf_counter() - t0, failed, wait_s)

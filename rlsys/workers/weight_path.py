@@ -39,7 +39,7 @@ class SyncReport:
     replaced: tuple[int, ...] = field(default_factory=tuple)
     send_seconds: float = 0.0  # torchdist: learner rank 0 streaming, packing and broadcasting
     send_wait_seconds: float = 0.0  # of which waiting on the broadcasts
-    # torchdist: per engine, each TP rank's {"version", "digest", "nbytes", "receive_s", "load_s", "finalize_s"}
+    # torchdist: per engine, each TP rank's transfer state (TorchDistTransferEngine.last)
     engines: dict[int, list[dict]] = field(default_factory=dict)
 
 
@@ -55,18 +55,11 @@ class ObjectStorePath:
     def __init__(self, learners: Any, rollout: Any, bucket_bytes: int) -> None:
         self.learners, self.rollout, self.bucket_bytes = learners, rollout, bucket_bytes
 
-    @property
-    def version(self) -> int:
-        return int(self.rollout.weight_version)
-
     def push(self, version: int) -> SyncReport:
         t0 = time.perf_counter()
         refs = self.learners.export_weight_buckets(self.bucket_bytes)
         self.rollout.load_weight_buckets(refs, version)
         return SyncReport(self.transport, 0, time.perf_counter() - t0)
-
-    def close(self) -> None:
-        pass
 
 
 class TorchDistPath:
@@ -167,7 +160,7 @@ class TorchDistPath:
             i: a.receive_weights.remote(self.meta, version, self.bucket_bytes, self.piece_bytes)
             for i, a in actors.items()
         }
-        send = self.learners.send_weights_async(self.bucket_bytes, self.piece_bytes, groups)
+        send = self.learners.send_weights_async(self.meta, self.bucket_bytes, self.piece_bytes, groups)
         deadline = time.monotonic() + receiver_timeout_s(self.timeout_s) + 60
         try:
             reports = ray.get(send, timeout=max(1.0, deadline - time.monotonic()))
@@ -202,6 +195,3 @@ class TorchDistPath:
             else:
                 received[i] = states
         return report, failed, received
-
-    def close(self) -> None:
-        self.rollout.set_weight_feed(None)

@@ -71,7 +71,9 @@ class _LearnerActor:
         sender = getattr(self, "sender", None)
         if sender is None:
             # NCCL sends from the learner's device; gloo from host memory.
-            device = self.learner.device if backend == "nccl" else torch_device("cpu")
+            import torch
+
+            device = self.learner.device if backend == "nccl" else torch.device("cpu")
             host = os.environ.get("RLSYS_TRANSFER_HOST") or _node_ip()
             sender = self.sender = WeightSender(backend, device, timeout_s, host=host)
         return sender
@@ -84,20 +86,16 @@ class _LearnerActor:
         """Rank 0: block until the engine's ranks have joined group ``group_id``."""
         self.sender.join(group_id)
 
-    def send_weights(self, bucket_bytes: int, piece_bytes: int, groups: list[int] | None) -> Any:
+    def send_weights(self, meta: list, bucket_bytes: int, piece_bytes: int, groups: list[int] | None) -> Any:
         """Every rank: stream the weights (a collective under ZeRO-3); rank 0 broadcasts them to
-        ``groups`` (None: every joined group) and returns the SendReport; other ranks return None."""
+        ``groups`` (None: every joined group), checked against ``meta`` (what the receivers were told),
+        and returns the SendReport; other ranks return None."""
         named = self.learner.iter_named_weights(copy=False)  # the sender copies each into its bucket
         if self.learner.rank != 0:
             for _ in named:
                 pass
             return None
-        return self.sender.send(named, self.learner.weight_meta(), bucket_bytes, piece_bytes, groups)
-
-    def close_weight_group(self, group_id: int) -> None:
-        sender = getattr(self, "sender", None)
-        if sender is not None:
-            sender.close(group_id)
+        return self.sender.send(named, meta, bucket_bytes, piece_bytes, groups)
 
     def save_hf(self, path: str, dtype: str | None = None) -> str | None:
         return self.learner.save_hf(path, dtype)
@@ -110,12 +108,6 @@ class _LearnerActor:
 
     def close(self) -> None:
         self.learner.close()
-
-
-def torch_device(name: str) -> Any:
-    import torch
-
-    return torch.device(name)
 
 
 def _node_ip() -> str:
@@ -321,13 +313,11 @@ class LearnerGroup:
         join must be issued before this is waited on)."""
         return self.actors[0].join_weight_group.remote(group_id)
 
-    def send_weights_async(self, bucket_bytes: int, piece_bytes: int, groups: list[int] | None) -> list:
-        """Every rank starts streaming the weights (rank 0 broadcasting): one ObjectRef per rank, rank
-        0's resolving to the SendReport. The receivers must be issued before these are waited on."""
-        return [a.send_weights.remote(bucket_bytes, piece_bytes, groups) for a in self.actors]
-
-    def close_weight_group(self, group_id: int) -> None:
-        self._rank0("close_weight_group", lambda a: a.close_weight_group.remote(group_id), 60.0)
+    def send_weights_async(self, meta: list, bucket_bytes: int, piece_bytes: int, groups: list[int] | None) -> list:
+        """Every rank starts streaming the weights (rank 0 broadcasting, checked against ``meta``): one
+        ObjectRef per rank, rank 0's resolving to the SendReport. The receivers must be issued before
+        these are waited on."""
+        return [a.send_weights.remote(meta, bucket_bytes, piece_bytes, groups) for a in self.actors]
 
     def _rank0(self, phase: str, issue: Callable[[Any], Any], timeout: float) -> Any:
         results, _ = self._group.call({0: issue}, phase, timeout)
