@@ -29,7 +29,7 @@ from typing import Any
 
 from rlsys import signals
 from rlsys.checkpoint import LEARNER_STATE_DIR
-from rlsys.config import ConfigError, RLConfig, sync_bucket_bytes, sync_transport
+from rlsys.config import ConfigError, RLConfig, rollout_executor, sync_bucket_bytes, sync_transport
 from rlsys.workers import LearnerGroupLike, RewardGroupLike, RolloutGroupLike  # Protocols only: no Ray
 
 log = logging.getLogger("rlsys.build")
@@ -72,6 +72,8 @@ def rollout_spec(cfg: RLConfig, model_path: str) -> Any:
         seed=cfg.trainer.seed,
         vllm_log_level=r.vllm_log_level,
         trust_remote_code=cfg.model.trust_remote_code,
+        tensor_parallel_size=r.tensor_parallel_size,
+        executor=rollout_executor(cfg),
     )
 
 
@@ -256,6 +258,7 @@ def make_weight_path(cfg: RLConfig, learners: Any, rollout: Any) -> Any:
         bucket_bytes=sync_bucket_bytes(cfg, transport),
         piece_bytes=cfg.sync.piece_mb << 20,
         timeout_s=cfg.sync.timeout_s,
+        tp_size=cfg.rollout.tensor_parallel_size,
     )
     path.start()
     return path

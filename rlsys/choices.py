@@ -24,6 +24,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 RESUME_MODES = ("never", "auto")
 # sync.transport (rlsys.config.sync_transport resolves auto)
 SYNC_TRANSPORTS = ("auto", "torchdist", "object_store", "nccl", "ipc")
+# rollout.executor (rlsys.config.rollout_executor resolves auto)
+ROLLOUT_EXECUTORS = ("auto", "uni", "mp")
 # Built-in task splits (rlsys.tasks); eval.split takes one of them.
 SPLITS = ("train", "test", "ood")
 EVAL_SPLITS = SPLITS

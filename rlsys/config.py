@@ -24,6 +24,7 @@ from rlsys.choices import (
     ON_BAD_ROW,
     PROMPT_FORMATS,
     RESUME_MODES,
+    ROLLOUT_EXECUTORS,
     SELECT_MODES,
     SYNC_TRANSPORTS,
     VLLM_LOG_LEVELS,
@@ -141,6 +142,13 @@ class RolloutConfig:
     timeout_s: float = 600.0  # a generate call that takes longer fails the step, naming the worker
     max_restarts: int = 3  # a worker that dies is replaced, at most this many times per worker per run
     vllm_log_level: str = "WARNING"  # vLLM's logger in the rollout workers: DEBUG | INFO | WARNING | ERROR
+    # Tensor-parallel ranks per engine: each rank a process of vLLM's multiprocessing executor that
+    # holds 1/tp of every sharded layer; on CPU the worker's threads are split among its ranks.
+    tensor_parallel_size: int = 1
+    # auto: "uni" (the model runs inside the rollout actor: fastest start, least overhead) at
+    # tensor_parallel_size 1, "mp" (one process per TP rank) above. Weights reach an "mp" engine only
+    # through sync.transport=torchdist.
+    executor: str = "auto"
 
 
 @dataclass
@@ -443,6 +451,22 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
         _fail("rollout.num_threads", r.num_threads, "must be >= 1, or null for the default")
     if r.vllm_log_level not in VLLM_LOG_LEVELS:
         _fail("rollout.vllm_log_level", r.vllm_log_level, "choose DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    _check_positive(r, "rollout", ("tensor_parallel_size",))
+    if r.executor not in ROLLOUT_EXECUTORS:
+        _fail("rollout.executor", r.executor, f"choose one of {', '.join(ROLLOUT_EXECUTORS)}")
+    if r.executor == "uni" and r.tensor_parallel_size > 1:
+        _fail(
+            "rollout.executor",
+            r.executor,
+            f"the in-process executor runs one rank; rollout.tensor_parallel_size={r.tensor_parallel_size} "
+            "needs rollout.executor=mp (or auto)",
+        )
+    if r.num_gpus_per_worker and r.tensor_parallel_size > 1 and r.num_gpus_per_worker != r.tensor_parallel_size:
+        _fail(
+            "rollout.num_gpus_per_worker",
+            r.num_gpus_per_worker,
+            f"a GPU engine holds one GPU per TP rank: set it to rollout.tensor_parallel_size={r.tensor_parallel_size}",
+        )
 
     w = cfg.reward
     _check_positive(w, "reward", ("num_workers", "procs_per_worker", "timeout_s", "memory_limit_mb"))
@@ -481,6 +505,13 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
             s.transport,
             f"vLLM's built-in {s.transport} weight-transfer engines cannot be used: {where}; "
             "sync.transport=torchdist (the auto choice) broadcasts over NCCL on CUDA engines and gloo on CPU ones",
+        )
+    if rollout_executor(cfg) == "mp" and sync_transport(cfg)[0] == "object_store":
+        _fail(
+            "sync.transport",
+            s.transport,
+            f"rollout.executor={r.executor} (tensor_parallel_size={r.tensor_parallel_size}) runs the model in "
+            "other processes, which the object-store path cannot reach: use sync.transport=torchdist (or auto)",
         )
     if s.max_logprob_diff is not None and not s.max_logprob_diff > 0:
         _fail("sync.max_logprob_diff", s.max_logprob_diff, "must be > 0, or null for the dtype's default")
@@ -612,6 +643,14 @@ def sync_transport(cfg: RLConfig) -> tuple[str, str]:
     if transport == "object_store":
         return transport, ""
     return transport, "nccl" if cfg.rollout.num_gpus_per_worker > 0 else "gloo"
+
+
+def rollout_executor(cfg: RLConfig) -> str:
+    """The resolved ``rollout.executor``: "uni" (in-process, one rank) or "mp" (a process per TP rank)."""
+    r = cfg.rollout
+    if r.executor != "auto":
+        return r.executor
+    return "mp" if r.tensor_parallel_size > 1 else "uni"
 
 
 def sync_bucket_bytes(cfg: RLConfig, transport: str) -> int:

@@ -50,6 +50,27 @@ class RolloutSpec:
     # How weights arrive (sync.transport, resolved): "object_store" (rlsys_reload_weights with a lazy
     # iterator of Ray refs) or "torchdist" (vLLM's weight-transfer protocol, rlsys.workers.vllm_ext).
     transport: str = "object_store"
+    tensor_parallel_size: int = 1
+    # "uni": the model runs in this process (one rank); "mp": vLLM's multiprocessing executor, one
+    # process per TP rank (weights then arrive only through "torchdist").
+    executor: str = "uni"
+
+
+def cpu_bind(tp: int, threads: int, cores: list[int], offset: int = 0) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for an engine of ``tp`` CPU ranks: "0|1" style, one core list per rank.
+
+    The engine's ``threads`` are split evenly among its ranks (at least one core each), taken from
+    ``cores`` (this process's affinity) from ``offset`` on, wrapping round: with more ranks than cores
+    ranks share a core rather than fail. vLLM's own "auto" binds rank r to NUMA node r, which a
+    one-node machine does not have for r > 0."""
+    if tp < 1 or not cores:
+        raise ValueError(f"cpu_bind needs tp >= 1 and some cores, got tp={tp}, cores={cores}")
+    per = max(1, threads // tp)
+    lists = []
+    for r in range(tp):
+        ids = sorted({cores[(offset + r * per + k) % len(cores)] for k in range(per)})
+        lists.append(",".join(str(c) for c in ids))
+    return "|".join(lists)
 
 
 @dataclass(frozen=True)
@@ -95,9 +116,11 @@ def _configure_vllm_logging(level: str) -> None:
 class RolloutEngine:
     """One vLLM engine in this process.
 
-    On CPU the engine runs in the caller's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-    ``distributed_executor_backend="uni"``): start-up takes seconds instead of a minute, and
-    tensors can be handed to the worker extension directly.
+    The engine core always runs in the caller's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). With
+    ``spec.executor == "uni"`` so does the model (``distributed_executor_backend="uni"``): start-up
+    takes seconds, and tensors can be handed to the worker extension directly. With ``"mp"`` each of
+    ``spec.tensor_parallel_size`` ranks is a vLLM worker process (on CPU bound to its share of this
+    worker's threads, :func:`cpu_bind`); weights then arrive through ``receive_weights`` only.
     """
 
     def __init__(self, spec: RolloutSpec, worker_id: int = 0):
@@ -123,7 +146,8 @@ class RolloutEngine:
             max_model_len=spec.max_model_len,
             trust_remote_code=spec.trust_remote_code,
             worker_extension_cls="rlsys.workers.vllm_ext.WeightReloadExtension",
-            distributed_executor_backend="uni",
+            distributed_executor_backend=spec.executor,
+            tensor_parallel_size=spec.tensor_parallel_size,
             enable_prefix_caching=False,
             # No chunked prefill: vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when
             # a seeded request's prefill is split over scheduler steps, which happens as soon as one
@@ -131,10 +155,23 @@ class RolloutEngine:
             # sequences of a countdown prompt, i.e. any eval at n >= 64 or G * B > ~80 in training.
             enable_chunked_prefill=False,
         )
+        if spec.executor not in ("uni", "mp"):
+            raise ValueError(f"rollout executor must be uni or mp, got {spec.executor!r}")
+        if spec.executor == "uni" and spec.tensor_parallel_size != 1:
+            raise ValueError(f"the uni executor runs one rank, got tensor_parallel_size={spec.tensor_parallel_size}")
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = spec.kv_cache_memory_bytes
+            if spec.executor == "mp" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+                threads = torch.get_num_threads()
+                bind = cpu_bind(spec.tensor_parallel_size, threads, cores, offset=worker_id * threads)
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+                # vLLM sizes each rank's OpenMP pool from its core list, but an inherited
+                # MKL_NUM_THREADS (the actor's whole budget) would override it in the rank.
+                os.environ["MKL_NUM_THREADS"] = str(len(bind.split("|")[0].split(",")))
+                log.info("rollout worker %d: TP ranks bound to cores %s", worker_id, bind)
         if spec.transport == "torchdist":
             from rlsys.workers.vllm_ext import TORCHDIST_BACKEND, register_engines
 
@@ -216,8 +253,14 @@ class RolloutEngine:
     def load_weights(self, weights: Iterable[tuple[str, Any]], version: int) -> int:
         """Load checkpoint-format weights (lazily iterated) and set the weight version.
 
-        Returns the number of tensors loaded.
+        Returns the number of tensors loaded. In-process (uni executor) engines only: the iterator
+        cannot cross into a worker process.
         """
+        if self.spec.executor != "uni":
+            raise RuntimeError(
+                f"rollout worker {self.worker_id}: its {self.spec.executor} executor runs the model in other "
+                "processes; weights reach it through sync.transport=torchdist only"
+            )
         names = self.llm.collective_rpc("rlsys_reload_weights", args=(weights,))[0]
         self.llm.reset_prefix_cache()
         self.weight_version = version
@@ -268,11 +311,11 @@ class RolloutEngine:
             )
 
     def describe(self) -> dict:
-        """``{"dtype": the engine's model dtype, "threads": torch's intra-op threads, "pid"}``."""
-        import torch
-
+        """``{"dtype": the engine's model dtype, "threads": compute threads of all its ranks, "pid",
+        "ranks": [{"threads", "pid"} per TP rank]}`` (with the uni executor the one rank is this process)."""
         dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
-        return {"dtype": dtype, "threads": torch.get_num_threads(), "pid": os.getpid()}
+        ranks = list(self.llm.collective_rpc("rlsys_describe"))
+        return {"dtype": dtype, "threads": sum(r["threads"] for r in ranks), "pid": os.getpid(), "ranks": ranks}
 
     def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
         """log p(token_t | tokens_<t) for t = 1..L-1 under the engine's current weights: [L - 1]."""

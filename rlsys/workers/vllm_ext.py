@@ -15,6 +15,7 @@ vLLM imports the ``worker_extension_cls`` module in every worker process before 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -192,6 +193,10 @@ class WeightReloadExtension:
         if not isinstance(engine, TorchDistTransferEngine):
             raise RuntimeError("this engine was not started with the rlsys_torchdist weight transfer backend")
         return dict(engine.last)
+
+    def rlsys_describe(self) -> dict[str, int]:
+        """This rank's compute threads and process id."""
+        return {"threads": torch.get_num_threads(), "pid": os.getpid()}
 
     def rlsys_param_names(self) -> list[str]:
         """Names of the engine's parameters (vLLM naming, e.g. fused qkv_proj)."""

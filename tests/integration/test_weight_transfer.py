@@ -14,16 +14,15 @@ the untouched engine's transfer completes.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 
 from rlsys.cluster import actor_options, connect, loopback_env
+from tests.integration.transfer_helpers import base_and_perturbed, engine_gaps
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +42,8 @@ def ray_cluster() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[str, str]:
-    """(the tiny model, a copy with seeded noise on every weight): engines start from the first,
-    the learner from the second."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rlsys.models import ensure_tiny_model
-
-    root = tmp_path_factory.mktemp("wt")
-    base = str(shutil.copytree(ensure_tiny_model(), root / "base"))
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    perturbed = root / "perturbed"
-    shutil.copytree(base, perturbed)
-    model.save_pretrained(perturbed)
-    return base, str(perturbed)
+    """(the tiny model, a perturbed copy): engines start from the first, the learner from the second."""
+    return base_and_perturbed(tmp_path_factory.mktemp("wt"))
 
 
 @pytest.fixture(scope="module")
@@ -87,23 +70,6 @@ def actors(ray_cluster: None, models: tuple[str, str], tmp_path_factory) -> Iter
     finally:
         pool.shutdown()
         learners.shutdown()
-
-
-PROBE = list(range(10, 60))
-
-
-def learner_probe(learners) -> np.ndarray:
-    from rlsys.workers.batching import build_train_batch
-
-    pb = build_train_batch(
-        [PROBE[:1]], [PROBE[1:]], [np.zeros(len(PROBE) - 1, np.float32)], [0.0], pad_token_id=0, loss_normalizer=1.0
-    )
-    return np.asarray(learners.compute_logprobs(pb))[0, 1 : len(PROBE)]
-
-
-def engine_gaps(learners, pool) -> list[float]:
-    ref = learner_probe(learners)
-    return [float(np.abs(lp - ref).mean()) for lp in pool.sequence_logprobs(PROBE)]
 
 
 def worker_pid(pool, i: int) -> int:

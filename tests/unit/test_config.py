@@ -178,3 +178,22 @@ def test_sync_transport_resolves_auto_and_refuses_vllms_cuda_engines_on_cpu():
         validate(make("sync.transport=gloo"))
     with pytest.raises(ConfigError, match="sync.piece_mb"):
         validate(make("sync.piece_mb=0"))
+
+
+def test_rollout_executor_follows_tensor_parallel_size_and_refuses_what_cannot_work():
+    from rlsys.config import rollout_executor
+
+    assert rollout_executor(make()) == "uni"
+    assert rollout_executor(make("rollout.tensor_parallel_size=2")) == "mp"
+    assert rollout_executor(make("rollout.executor=mp")) == "mp"
+    validate(make("rollout.tensor_parallel_size=2"))
+    with pytest.raises(ConfigError, match=r"rollout.executor='uni'.*needs rollout.executor=mp"):
+        validate(make("rollout.tensor_parallel_size=2", "rollout.executor=uni"))
+    with pytest.raises(ConfigError, match=r"rollout.executor='thread'.*choose one of auto, uni, mp"):
+        validate(make("rollout.executor=thread"))
+    with pytest.raises(ConfigError, match="rollout.tensor_parallel_size"):
+        validate(make("rollout.tensor_parallel_size=0"))
+    with pytest.raises(ConfigError, match=r"sync.transport='object_store'.*cannot reach.*torchdist"):
+        validate(make("rollout.tensor_parallel_size=2", "sync.transport=object_store"))
+    with pytest.raises(ConfigError, match=r"rollout.num_gpus_per_worker=1.*one GPU per TP rank"):
+        validate(make("rollout.tensor_parallel_size=2", "rollout.num_gpus_per_worker=1"))

@@ -1,5 +1,6 @@
-"""The rollout worker's vLLM log settings: the level reaches vLLM's logger and exactly the benign
-per-sync reload warning is dropped (a user reading the log must still see real load failures)."""
+"""Rollout worker settings: vLLM's log level reaches vLLM's logger and exactly the benign per-sync
+reload warning is dropped (a user reading the log must still see real load failures); a TP engine's
+CPU binding splits the worker's threads over its ranks."""
 
 from __future__ import annotations
 
@@ -53,3 +54,17 @@ def test_info_level_keeps_info(vllm_logger):
     rollout._configure_vllm_logging("INFO")
     logging.getLogger("vllm.x").info("Reloading weights inplace...")
     assert [r.getMessage() for r in records] == ["Reloading weights inplace..."]
+
+
+def test_cpu_bind_splits_a_workers_threads_over_its_tp_ranks():
+    from rlsys.workers.rollout import cpu_bind
+
+    assert cpu_bind(2, 2, [0, 1]) == "0|1"
+    assert cpu_bind(2, 4, [0, 1, 2, 3]) == "0,1|2,3"
+    assert cpu_bind(2, 4, list(range(8)), offset=4) == "4,5|6,7"  # the second worker's share
+    assert cpu_bind(1, 3, [0, 1, 2, 3]) == "0,1,2"
+    assert cpu_bind(2, 3, [0, 1, 2]) == "0|1"  # uneven: every rank gets the same count
+    assert cpu_bind(4, 2, [0, 1]) == "0|1|0|1"  # more ranks than cores: they share, none is refused
+    assert cpu_bind(2, 2, [5, 9]) == "5|9"  # the process's affinity, not core 0..n
+    with pytest.raises(ValueError, match="tp >= 1"):
+        cpu_bind(0, 2, [0, 1])

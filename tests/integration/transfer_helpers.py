@@ -1,0 +1,46 @@
+"""Helpers shared by the weight-transfer integration tests: a perturbed copy of the tiny model (so a
+sync that moved nothing shows) and the probe that compares an engine's logprobs with the learner's."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+PROBE = list(range(10, 60))
+
+
+def base_and_perturbed(root: Path) -> tuple[str, str]:
+    """(the tiny model, a copy with seeded noise on every weight) under ``root``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlsys.models import ensure_tiny_model
+
+    base = str(shutil.copytree(ensure_tiny_model(), root / "base"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    perturbed = root / "perturbed"
+    shutil.copytree(base, perturbed)
+    model.save_pretrained(perturbed)
+    return base, str(perturbed)
+
+
+def learner_probe(learners) -> np.ndarray:
+    """The learner's log p(PROBE[t] | PROBE[:t]) for t >= 1: [len(PROBE) - 1]."""
+    from rlsys.workers.batching import build_train_batch
+
+    pb = build_train_batch(
+        [PROBE[:1]], [PROBE[1:]], [np.zeros(len(PROBE) - 1, np.float32)], [0.0], pad_token_id=0, loss_normalizer=1.0
+    )
+    return np.asarray(learners.compute_logprobs(pb))[0, 1 : len(PROBE)]
+
+
+def engine_gaps(learners, pool) -> list[float]:
+    """Per engine: mean |engine logprob - learner logprob| over the probe."""
+    ref = learner_probe(learners)
+    return [float(np.abs(lp - ref).mean()) for lp in pool.sequence_logprobs(PROBE)]
