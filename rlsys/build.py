@@ -55,7 +55,7 @@ def _spec(cls: type, not_from_config: tuple[str, ...], **given: Any) -> Any:
 
 def rollout_spec(cfg: RLConfig, model_path: str) -> Any:
     """The :class:`rlsys.workers.rollout.RolloutSpec` of ``cfg.rollout`` for the checkpoint ``model_path``."""
-    from rlsys.workers.rollout import RolloutSpec
+    from rlsys.workers.vllm_engine import RolloutSpec
 
     r = cfg.rollout
     return _spec(

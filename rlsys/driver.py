@@ -62,7 +62,7 @@ from rlsys.workers.learner import LearnerError
 from rlsys.workers.weight_path import ObjectStorePath
 
 if TYPE_CHECKING:
-    from rlsys.workers.rollout import GenerationStats
+    from rlsys.workers.vllm_engine import GenerationStats
 
 log = logging.getLogger("rlsys.driver")
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # records import numpy only, but the protocols need them for 
     import numpy as np
 
     from rlsys.records import Grade, GradeRequest, RolloutGroup, RolloutRequest, TrainBatch, TrainStats
-    from rlsys.workers.rollout import GenerationStats
+    from rlsys.workers.vllm_engine import GenerationStats
 
 __all__ = ["LearnerGroupLike", "RewardGroupLike", "RolloutGroupLike"]
 

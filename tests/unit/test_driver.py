@@ -30,7 +30,7 @@ from rlsys.sampler import PromptSampler
 from rlsys.tasks import get_task
 from rlsys.workers import LearnerGroupLike, RewardGroupLike, RolloutGroupLike
 from rlsys.workers.learner import LearnerError
-from rlsys.workers.rollout import GenerationStats
+from rlsys.workers.vllm_engine import GenerationStats
 
 ROOT = Path(__file__).resolve().parents[2]
 RIGHT, WRONG = "Answer: right", "Answer: wrong"

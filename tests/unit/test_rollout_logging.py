@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from rlsys.workers import rollout
+from rlsys.workers import vllm_engine as rollout
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_info_level_keeps_info(vllm_logger):
 
 
 def test_cpu_bind_splits_a_workers_threads_over_its_tp_ranks():
-    from rlsys.workers.rollout import cpu_bind
+    from rlsys.workers.vllm_engine import cpu_bind
 
     assert cpu_bind(2, 2, [0, 1]) == "0|1"
     assert cpu_bind(2, 4, [0, 1, 2, 3]) == "0,1|2,3"
