@@ -71,7 +71,8 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _receive(addr, meta, bucket, piece, mode, queue):  # runs in a spawned process
+def _receive(addr, meta, bucket, piece, mode, queue, ready):  # runs in a spawned process
+    ready.put(mode)  # torch imported: the sender's join need not cover a spawn's start-up
     group = init_group(addr, 1, "gloo", receiver_timeout_s(4.0))
     got: dict[str, torch.Tensor] = {}
     calls = [0]
@@ -102,13 +103,17 @@ def test_gloo_groups_deliver_exact_bytes_and_drop_a_dead_and_a_hung_receiver():
     assert len(plan_buckets(meta, bucket)) >= 3
     sender = WeightSender("gloo", torch.device("cpu"), timeout_s=4.0)
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, ready = ctx.Queue(), ctx.Queue()
     modes = ["ok", "ok", "die", "hang"]
     addrs = {g: sender.open(g, 2) for g in range(len(modes))}
-    procs = [ctx.Process(target=_receive, args=(addrs[g], meta, bucket, piece, m, queue)) for g, m in enumerate(modes)]
+    procs = [
+        ctx.Process(target=_receive, args=(addrs[g], meta, bucket, piece, m, queue, ready)) for g, m in enumerate(modes)
+    ]
     for p in procs:
         p.start()
     try:
+        for _ in procs:
+            ready.get(timeout=120)
         for g in addrs:
             sender.join(g)
         t0 = time.monotonic()
