@@ -74,6 +74,7 @@ def rollout_spec(cfg: RLConfig, model_path: str) -> Any:
         trust_remote_code=cfg.model.trust_remote_code,
         tensor_parallel_size=r.tensor_parallel_size,
         executor=rollout_executor(cfg),
+        engine=r.engine,
     )
 
 

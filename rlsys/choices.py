@@ -26,6 +26,8 @@ RESUME_MODES = ("never", "auto")
 SYNC_TRANSPORTS = ("auto", "torchdist", "object_store", "nccl", "ipc")
 # rollout.executor (rlsys.config.rollout_executor resolves auto)
 ROLLOUT_EXECUTORS = ("auto", "uni", "mp")
+# rollout.engine: vLLM's offline LLM (one blocking generate at a time) or AsyncLLM
+ROLLOUT_ENGINES = ("llm", "async")
 # Built-in task splits (rlsys.tasks); eval.split takes one of them.
 SPLITS = ("train", "test", "ood")
 EVAL_SPLITS = SPLITS

@@ -24,6 +24,7 @@ from rlsys.choices import (
     ON_BAD_ROW,
     PROMPT_FORMATS,
     RESUME_MODES,
+    ROLLOUT_ENGINES,
     ROLLOUT_EXECUTORS,
     SELECT_MODES,
     SYNC_TRANSPORTS,
@@ -149,6 +150,11 @@ class RolloutConfig:
     # tensor_parallel_size 1, "mp" (one process per TP rank) above. Weights reach an "mp" engine only
     # through sync.transport=torchdist.
     executor: str = "auto"
+    # llm: vLLM's offline LLM, one blocking generate call at a time (the synchronous loop's choice).
+    # async: AsyncLLM in an async actor; requests stay in flight while a weight update pauses
+    # generation (keep mode), transfers and resumes, and each completion records the versions that
+    # sampled it. Needs sync.transport=torchdist.
+    engine: str = "llm"
 
 
 @dataclass
@@ -505,6 +511,15 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
             s.transport,
             f"vLLM's built-in {s.transport} weight-transfer engines cannot be used: {where}; "
             "sync.transport=torchdist (the auto choice) broadcasts over NCCL on CUDA engines and gloo on CPU ones",
+        )
+    if r.engine not in ROLLOUT_ENGINES:
+        _fail("rollout.engine", r.engine, f"choose one of {', '.join(ROLLOUT_ENGINES)}")
+    if r.engine == "async" and sync_transport(cfg)[0] == "object_store":
+        _fail(
+            "sync.transport",
+            s.transport,
+            "rollout.engine=async takes weights through vLLM's weight-transfer protocol only: "
+            "use sync.transport=torchdist (or auto)",
         )
     if rollout_executor(cfg) == "mp" and sync_transport(cfg)[0] == "object_store":
         _fail(

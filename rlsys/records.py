@@ -54,11 +54,16 @@ class Completion:
     logprobs: np.ndarray  # [T_i] float32, log pi_rollout(token) at sampling time
     text: str  # decoded response (special tokens skipped)
     finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_tokens)
+    # ((weight version, start, end), ...): tokens [start, end) were sampled by that version. One span
+    # from a synchronous engine; more when a weight update landed while the completion was in flight
+    # (the async engine). Empty: unrecorded (then the group's weight_version sampled every token).
+    version_spans: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
 class RolloutGroup:
-    """G completions of one prompt, sampled with weights ``weight_version``."""
+    """G completions of one prompt, sampled with weights ``weight_version`` (the oldest version that
+    sampled any of its tokens; per-token versions in each completion's ``version_spans``)."""
 
     prompt_id: str
     prompt_token_ids: tuple[int, ...]  # [P]

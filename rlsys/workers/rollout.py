@@ -26,7 +26,7 @@ from rlsys import records
 from rlsys.records import RolloutRequest
 from rlsys.workers.group import ActorGroup, Labels, SupervisedGroup
 from rlsys.workers.supervision import RestartPolicy, remove_files, same_node, short_error
-from rlsys.workers.vllm_engine import GenerationStats, RolloutEngine, RolloutSpec
+from rlsys.workers.vllm_engine import AsyncRolloutEngine, GenerationStats, RolloutEngine, RolloutSpec
 
 log = logging.getLogger("rlsys.rollout")
 
@@ -128,6 +128,58 @@ class RolloutWorkerActor:
         self.engine.shutdown()
 
 
+class AsyncRolloutWorkerActor:
+    """Ray async actor around :class:`~rlsys.workers.vllm_engine.AsyncRolloutEngine`: its methods share
+    one event loop, so ``receive_weights`` runs while ``generate`` calls are in flight (they pause,
+    then continue under the new weights)."""
+
+    def __init__(self, spec: RolloutSpec, worker_id: int):
+        self.engine = AsyncRolloutEngine(spec, worker_id)
+
+    async def ready(self) -> int:
+        return self.engine.worker_id
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def describe(self) -> dict:
+        return await self.engine.describe()
+
+    async def scratch_files(self) -> dict:
+        # AsyncLLM's engine core is a child process of this actor; it exits when the actor dies
+        # (vLLM watches its parent), and its files are its own to remove.
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "paths": []}
+
+    async def generate(self, requests: list[RolloutRequest], group_size: int, seeds: list[int]):
+        return await self.engine.generate(requests, group_size, seeds)
+
+    async def load_weight_buckets(self, bucket_refs: list, version: int) -> int:
+        raise RuntimeError(
+            f"rollout worker {self.engine.worker_id}: the async engine takes weights through "
+            "sync.transport=torchdist only"
+        )
+
+    async def join_weight_group(self, addr: Any, backend: str, timeout_s: float) -> None:
+        await self.engine.join_weight_group(addr, backend, timeout_s)
+
+    async def receive_weights(self, meta: list, version: int, bucket_bytes: int, piece_bytes: int) -> list[dict]:
+        return await self.engine.receive_weights(meta, version, bucket_bytes, piece_bytes)
+
+    async def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        return await self.engine.sequence_logprobs(token_ids)
+
+    async def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    async def vllm_weight_version(self) -> str:
+        return await self.engine.vllm_weight_version()
+
+    async def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
 class RolloutGroup(SupervisedGroup):
     """Driver-side handle over ``num_workers`` rollout actors that survives worker deaths.
 
@@ -184,7 +236,7 @@ class RolloutGroup(SupervisedGroup):
         self._feed: WeightFeed | None = None
         self._scratch: list[dict] = [{} for _ in range(num_workers)]
         self._group = ActorGroup(
-            RolloutWorkerActor,
+            AsyncRolloutWorkerActor if spec.engine == "async" else RolloutWorkerActor,
             num_workers,
             labels=_RolloutLabels(spec.model_path, self.timeout_s, lambda: self.weight_version),
             init_args=lambda i: ((spec, i), {}),

@@ -51,6 +51,9 @@ class RolloutSpec:
     # "uni": the model runs in this process (one rank); "mp": vLLM's multiprocessing executor, one
     # process per TP rank (weights then arrive only through "torchdist").
     executor: str = "uni"
+    # "llm": vLLM's offline LLM, one blocking generate at a time (RolloutEngine); "async": AsyncLLM,
+    # requests in flight across weight updates (AsyncRolloutEngine; torchdist transport only).
+    engine: str = "llm"
 
 
 def cpu_bind(tp: int, threads: int, cores: list[int], offset: int = 0) -> str:
@@ -110,6 +113,110 @@ def _configure_vllm_logging(level: str) -> None:
         reload_log.addFilter(_DropBenignReloadWarning())
 
 
+def _engine_kwargs(spec: RolloutSpec, worker_id: int, model_elsewhere: bool) -> dict[str, Any]:
+    """vLLM engine arguments of ``spec`` (shared by both engines), with the process environment set.
+
+    ``model_elsewhere``: the model's ranks run in other processes than this one (the mp executor, or
+    AsyncLLM's engine-core process); on CPU they are then bound to this worker's share of the cores
+    (:func:`cpu_bind`), unless the user set ``VLLM_CPU_OMP_THREADS_BIND``."""
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", spec.vllm_log_level)
+    import torch
+
+    _configure_vllm_logging(spec.vllm_log_level)
+    if spec.executor not in ("uni", "mp"):
+        raise ValueError(f"rollout executor must be uni or mp, got {spec.executor!r}")
+    if spec.executor == "uni" and spec.tensor_parallel_size != 1:
+        raise ValueError(f"the uni executor runs one rank, got tensor_parallel_size={spec.tensor_parallel_size}")
+    kwargs: dict[str, Any] = dict(
+        model=spec.model_path,
+        dtype=spec.dtype,
+        seed=spec.seed,
+        enforce_eager=spec.enforce_eager,
+        max_model_len=spec.max_model_len,
+        trust_remote_code=spec.trust_remote_code,
+        worker_extension_cls="rlsys.workers.vllm_ext.WeightReloadExtension",
+        distributed_executor_backend=spec.executor,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        enable_prefix_caching=False,
+        # No chunked prefill: vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when
+        # a seeded request's prefill is split over scheduler steps, which happens as soon as one
+        # call's prompts exceed the step budget (max_num_batched_tokens, 4096 on CPU): about 80
+        # sequences of a countdown prompt, i.e. any eval at n >= 64 or G * B > ~80 in training.
+        enable_chunked_prefill=False,
+    )
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = spec.kv_cache_memory_bytes
+        if model_elsewhere and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+            threads = torch.get_num_threads()
+            bind = cpu_bind(spec.tensor_parallel_size, threads, cores, offset=worker_id * threads)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            # vLLM sizes each rank's OpenMP pool from its core list, but an inherited
+            # MKL_NUM_THREADS (the actor's whole budget) would override it in the rank.
+            os.environ["MKL_NUM_THREADS"] = str(len(bind.split("|")[0].split(",")))
+            log.info("rollout worker %d: model ranks bound to cores %s", worker_id, bind)
+    if spec.transport == "torchdist":
+        from rlsys.workers.vllm_ext import TORCHDIST_BACKEND, register_engines
+
+        register_engines()  # an in-process engine's worker is this process
+        kwargs["weight_transfer_config"] = {"backend": TORCHDIST_BACKEND}
+    elif spec.transport != "object_store":
+        raise ValueError(f"rollout transport must be object_store or torchdist, got {spec.transport!r}")
+    return kwargs
+
+
+def _sampling_params(spec: RolloutSpec, group_size: int, seed: int, **extra: Any) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=group_size,
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        logprobs=0,
+        seed=seed,
+        **extra,
+    )
+
+
+def _completion(c: Any, spans: tuple[tuple[int, int, int], ...]) -> Completion:
+    """A vLLM ``CompletionOutput`` requested with ``logprobs=0`` as a :class:`Completion`."""
+    ids = np.asarray(c.token_ids, dtype=np.int32)
+    # logprobs=0 returns exactly the sampled token's logprob at each position.
+    lps = np.asarray(
+        [next(iter(d.values())).logprob if len(d) == 1 else d[int(t)].logprob for d, t in zip(c.logprobs, ids)],
+        dtype=np.float32,
+    )
+    return Completion(
+        token_ids=ids, logprobs=lps, text=c.text, finish_reason=c.finish_reason or "length", version_spans=spans
+    )
+
+
+def _check_group_size(worker_id: int, prompt_id: str, got: int, want: int) -> None:
+    if got != want:
+        raise RuntimeError(
+            f"rollout worker {worker_id}: vLLM returned {got} completions for prompt {prompt_id}, expected {want}"
+        )
+
+
+def version_spans(weight_versions: Any, num_tokens: int, initial: int = 0) -> tuple[tuple[int, int, int], ...]:
+    """vLLM's ``CompletionOutput.weight_versions`` (spans labelled with the string given to
+    ``finish_weight_update``) as ``((version, start, end), ...)`` over token indexes [start, end).
+
+    A label that is not an integer (vLLM's "default" before the first update) is ``initial``; None
+    (no spans recorded) is one span of ``initial`` over all ``num_tokens``."""
+    if not weight_versions:
+        return ((initial, 0, num_tokens),) if num_tokens else ()
+    out = []
+    for span in weight_versions:
+        label = str(span.version)
+        out.append((int(label) if label.lstrip("-").isdigit() else initial, int(span.start), int(span.end)))
+    return tuple(out)
+
+
 class RolloutEngine:
     """One vLLM engine in this process.
 
@@ -122,12 +229,7 @@ class RolloutEngine:
 
     def __init__(self, spec: RolloutSpec, worker_id: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", spec.vllm_log_level)
-        import torch
         from vllm import LLM
-
-        _configure_vllm_logging(spec.vllm_log_level)
 
         self.spec = spec
         self.worker_id = worker_id
@@ -135,47 +237,7 @@ class RolloutEngine:
         # Set when a weight transfer failed part-way: vLLM's layerwise reload has then moved layers off
         # the model and nothing restores them, so the engine must not sample again (the pool replaces it).
         self.broken: str | None = None
-        kwargs: dict[str, Any] = dict(
-            model=spec.model_path,
-            dtype=spec.dtype,
-            seed=spec.seed,
-            enforce_eager=spec.enforce_eager,
-            max_model_len=spec.max_model_len,
-            trust_remote_code=spec.trust_remote_code,
-            worker_extension_cls="rlsys.workers.vllm_ext.WeightReloadExtension",
-            distributed_executor_backend=spec.executor,
-            tensor_parallel_size=spec.tensor_parallel_size,
-            enable_prefix_caching=False,
-            # No chunked prefill: vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when
-            # a seeded request's prefill is split over scheduler steps, which happens as soon as one
-            # call's prompts exceed the step budget (max_num_batched_tokens, 4096 on CPU): about 80
-            # sequences of a countdown prompt, i.e. any eval at n >= 64 or G * B > ~80 in training.
-            enable_chunked_prefill=False,
-        )
-        if spec.executor not in ("uni", "mp"):
-            raise ValueError(f"rollout executor must be uni or mp, got {spec.executor!r}")
-        if spec.executor == "uni" and spec.tensor_parallel_size != 1:
-            raise ValueError(f"the uni executor runs one rank, got tensor_parallel_size={spec.tensor_parallel_size}")
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
-        else:
-            kwargs["kv_cache_memory_bytes"] = spec.kv_cache_memory_bytes
-            if spec.executor == "mp" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-                cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-                threads = torch.get_num_threads()
-                bind = cpu_bind(spec.tensor_parallel_size, threads, cores, offset=worker_id * threads)
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-                # vLLM sizes each rank's OpenMP pool from its core list, but an inherited
-                # MKL_NUM_THREADS (the actor's whole budget) would override it in the rank.
-                os.environ["MKL_NUM_THREADS"] = str(len(bind.split("|")[0].split(",")))
-                log.info("rollout worker %d: TP ranks bound to cores %s", worker_id, bind)
-        if spec.transport == "torchdist":
-            from rlsys.workers.vllm_ext import TORCHDIST_BACKEND, register_engines
-
-            register_engines()  # the in-process engine's worker is this process
-            kwargs["weight_transfer_config"] = {"backend": TORCHDIST_BACKEND}
-        elif spec.transport != "object_store":
-            raise ValueError(f"rollout transport must be object_store or torchdist, got {spec.transport!r}")
+        kwargs = _engine_kwargs(spec, worker_id, model_elsewhere=spec.executor == "mp")
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -191,24 +253,12 @@ class RolloutEngine:
         ``seeds[i]`` seeds request i's sampler, so a group is a function of (weights, prompt, seed):
         re-issuing a prompt after a worker restart reproduces it.
         """
-        from vllm import SamplingParams
-
         self._check_usable()
         if len(seeds) != len(requests):
             raise ValueError(f"got {len(seeds)} seeds for {len(requests)} requests")
         if not requests:
             return [], GenerationStats(0, 0.0, self.worker_id)
-        params = [
-            SamplingParams(
-                n=group_size,
-                max_tokens=self.spec.max_tokens,
-                temperature=self.spec.temperature,
-                top_p=self.spec.top_p,
-                logprobs=0,
-                seed=seed,
-            )
-            for seed in seeds
-        ]
+        params = [_sampling_params(self.spec, group_size, seed) for seed in seeds]
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
         t0 = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -216,31 +266,18 @@ class RolloutEngine:
         groups = []
         num_tokens = 0
         for req, out in zip(requests, outputs):
-            completions = []
-            for c in out.outputs:
-                ids = np.asarray(c.token_ids, dtype=np.int32)
-                # logprobs=0 returns exactly the sampled token's logprob at each position.
-                lps = np.asarray(
-                    [
-                        next(iter(d.values())).logprob if len(d) == 1 else d[int(t)].logprob
-                        for d, t in zip(c.logprobs, ids)
-                    ],
-                    dtype=np.float32,
-                )
-                completions.append(
-                    Completion(token_ids=ids, logprobs=lps, text=c.text, finish_reason=c.finish_reason or "length")
-                )
-                num_tokens += len(ids)
-            if len(completions) != group_size:
-                raise RuntimeError(
-                    f"rollout worker {self.worker_id}: vLLM returned {len(completions)} "
-                    f"completions for prompt {req.prompt_id}, expected {group_size}"
-                )
+            # One blocking call samples every token under the current weights.
+            completions = tuple(
+                _completion(c, ((self.weight_version, 0, len(c.token_ids)),) if len(c.token_ids) else ())
+                for c in out.outputs
+            )
+            num_tokens += sum(len(c.token_ids) for c in completions)
+            _check_group_size(self.worker_id, req.prompt_id, len(completions), group_size)
             groups.append(
                 records.RolloutGroup(
                     prompt_id=req.prompt_id,
                     prompt_token_ids=req.prompt_token_ids,
-                    completions=tuple(completions),
+                    completions=completions,
                     weight_version=self.weight_version,
                     worker_id=self.worker_id,
                 )
@@ -340,3 +377,168 @@ class RolloutEngine:
         import gc
 
         gc.collect()
+
+
+class AsyncRolloutEngine:
+    """One vLLM ``AsyncLLM``: generate calls overlap each other and weight updates (issue 13, item 6).
+
+    Call every method from one asyncio event loop (a Ray async actor's). The engine core runs in a
+    process of its own (``AsyncLLM`` always does), holding the model in-process (``uni``) or over TP
+    rank processes (``mp``); on CPU those are bound to this worker's cores. Weights arrive only
+    through ``receive_weights`` (vLLM's weight-transfer protocol, ``sync.transport=torchdist``):
+
+    1. ``pause_generation(mode="keep")`` freezes the requests in flight where they are (their KV cache
+       is kept; nothing is aborted or lost);
+    2. ``start_weight_update`` / ``update_weights`` / ``finish_weight_update(version)`` replace the weights;
+    3. ``resume_generation`` lets the frozen requests continue under the new weights.
+
+    So one completion may hold tokens of two versions; its ``version_spans`` (from vLLM's per-token
+    ``weight_versions``) say which. Weight updates are serialised; a failed one leaves the engine
+    paused and marked broken (half-updated weights must never sample): the caller replaces it.
+    """
+
+    def __init__(self, spec: RolloutSpec, worker_id: int = 0):
+        import asyncio
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.spec = spec
+        self.worker_id = worker_id
+        self.weight_version = 0  # the latest version received (in-flight requests may hold older tokens)
+        self.broken: str | None = None
+        self._requests = 0
+        self._update_lock = asyncio.Lock()
+        self.last_pause_s = 0.0  # how long the latest update kept generation paused
+        t0 = time.perf_counter()
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_kwargs(spec, worker_id, model_elsewhere=True)))
+        log.info(
+            "rollout worker %d: vLLM AsyncLLM up in %.1f s (%s)", worker_id, time.perf_counter() - t0, spec.model_path
+        )
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise RuntimeError(
+                f"rollout worker {self.worker_id} must be restarted before it samples again: {self.broken}"
+            )
+
+    async def _sample(self, request: RolloutRequest, params: Any) -> Any:
+        self._requests += 1
+        final = None
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        async for out in self.llm.generate(prompt, params, request_id=f"{request.prompt_id}#{self._requests}"):
+            final = out
+        if final is None:
+            raise RuntimeError(f"rollout worker {self.worker_id}: vLLM returned nothing for {request.prompt_id}")
+        return final
+
+    async def generate(
+        self, requests: list[RolloutRequest], group_size: int, seeds: list[int]
+    ) -> tuple[list[records.RolloutGroup], GenerationStats]:
+        """Like :meth:`RolloutEngine.generate`, but other calls (more prompts, a weight update) may run
+        meanwhile; each group's ``weight_version`` is the oldest version among its tokens."""
+        import asyncio
+
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_usable()
+        if len(seeds) != len(requests):
+            raise ValueError(f"got {len(seeds)} seeds for {len(requests)} requests")
+        t0 = time.perf_counter()
+        start_version = self.weight_version
+        outs = await asyncio.gather(
+            *(
+                self._sample(r, _sampling_params(self.spec, group_size, s, output_kind=RequestOutputKind.FINAL_ONLY))
+                for r, s in zip(requests, seeds)
+            )
+        )
+        seconds = time.perf_counter() - t0
+        groups, num_tokens = [], 0
+        for req, out in zip(requests, outs):
+            completions = tuple(
+                _completion(c, version_spans(c.weight_versions, len(c.token_ids), start_version)) for c in out.outputs
+            )
+            _check_group_size(self.worker_id, req.prompt_id, len(completions), group_size)
+            num_tokens += sum(len(c.token_ids) for c in completions)
+            versions = [v for c in completions for v, _, _ in c.version_spans]
+            groups.append(
+                records.RolloutGroup(
+                    prompt_id=req.prompt_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    completions=completions,
+                    weight_version=min(versions, default=start_version),
+                    worker_id=self.worker_id,
+                )
+            )
+        return groups, GenerationStats(num_tokens, seconds, self.worker_id)
+
+    async def join_weight_group(self, addr: Any, backend: str, timeout_s: float) -> None:
+        """As :meth:`RolloutEngine.join_weight_group`."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        info = {
+            "host": addr.host,
+            "port": addr.port,
+            "world_size": addr.world_size,
+            "name": addr.name,
+            "backend": backend,
+            "timeout_s": timeout_s,
+        }
+        await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=info))
+
+    async def receive_weights(self, meta: list, version: int, bucket_bytes: int, piece_bytes: int) -> list[dict]:
+        """Pause (keep), take one weight stream as ``version``, resume; returns each TP rank's transfer
+        state, with ``pause_s`` (how long generation was frozen) added."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        self._check_usable()
+        info = {
+            "names": [m.name for m in meta],
+            "dtypes": [m.dtype for m in meta],
+            "shapes": [list(m.shape) for m in meta],
+            "version": int(version),
+            "bucket_bytes": int(bucket_bytes),
+            "piece_bytes": int(piece_bytes),
+        }
+        async with self._update_lock:
+            t0 = time.perf_counter()
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            try:
+                await self.llm.start_weight_update()
+                await self.llm.update_weights(WeightTransferUpdateRequest(update_info=info))
+                await self.llm.finish_weight_update(weight_version=str(version))
+            except BaseException as exc:
+                # Stays paused: the frozen requests must not continue on half-updated weights.
+                self.broken = f"weight transfer v{version} failed part-way: {type(exc).__name__}: {exc}"
+                raise
+            self.weight_version = int(version)
+            await self.llm.resume_generation()
+            self.last_pause_s = time.perf_counter() - t0
+        states = list(await self.llm.collective_rpc("rlsys_transfer_state"))
+        return [{**s, "pause_s": self.last_pause_s} for s in states]
+
+    async def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """As :meth:`RolloutEngine.sequence_logprobs`, under the latest weights received."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_usable()
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, temperature=1.0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        out = await self._sample(RolloutRequest("probe", tuple(token_ids)), params)
+        return np.asarray([d[int(t)].logprob for t, d in zip(token_ids[1:], out.prompt_logprobs[1:])], np.float32)
+
+    async def describe(self) -> dict:
+        """As :meth:`RolloutEngine.describe` (the ranks live in the engine-core process or its workers)."""
+        dtype = str(self.llm.model_config.dtype).removeprefix("torch.")
+        ranks = list(await self.llm.collective_rpc("rlsys_describe"))
+        return {"dtype": dtype, "threads": sum(r["threads"] for r in ranks), "pid": os.getpid(), "ranks": ranks}
+
+    async def vllm_weight_version(self) -> str:
+        return str(await self.llm.get_weight_version())
+
+    def shutdown(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.shutdown()

@@ -195,5 +195,10 @@ def test_rollout_executor_follows_tensor_parallel_size_and_refuses_what_cannot_w
         validate(make("rollout.tensor_parallel_size=0"))
     with pytest.raises(ConfigError, match=r"sync.transport='object_store'.*cannot reach.*torchdist"):
         validate(make("rollout.tensor_parallel_size=2", "sync.transport=object_store"))
+    validate(make("rollout.engine=async"))
+    with pytest.raises(ConfigError, match=r"rollout.engine='vllm'.*choose one of llm, async"):
+        validate(make("rollout.engine=vllm"))
+    with pytest.raises(ConfigError, match=r"sync.transport='object_store'.*rollout.engine=async.*torchdist"):
+        validate(make("rollout.engine=async", "sync.transport=object_store"))
     with pytest.raises(ConfigError, match=r"rollout.num_gpus_per_worker=1.*one GPU per TP rank"):
         validate(make("rollout.tensor_parallel_size=2", "rollout.num_gpus_per_worker=1"))

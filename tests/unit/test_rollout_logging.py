@@ -68,3 +68,17 @@ def test_cpu_bind_splits_a_workers_threads_over_its_tp_ranks():
     assert cpu_bind(2, 2, [5, 9]) == "5|9"  # the process's affinity, not core 0..n
     with pytest.raises(ValueError, match="tp >= 1"):
         cpu_bind(0, 2, [0, 1])
+
+
+def test_version_spans_read_vllms_labels_and_fill_in_the_initial_version():
+    from types import SimpleNamespace as S
+
+    from rlsys.workers.vllm_engine import version_spans
+
+    assert version_spans(None, 5) == ((0, 0, 5),)
+    assert version_spans(None, 0) == ()
+    assert version_spans([S(version="default", start=0, end=3), S(version="1", start=3, end=9)], 9) == (
+        (0, 0, 3),
+        (1, 3, 9),
+    )
+    assert version_spans([S(version="default", start=0, end=4)], 4, initial=2) == ((2, 0, 4),)
