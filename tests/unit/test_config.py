@@ -196,6 +196,10 @@ def test_rollout_executor_follows_tensor_parallel_size_and_refuses_what_cannot_w
     with pytest.raises(ConfigError, match=r"sync.transport='object_store'.*cannot reach.*torchdist"):
         validate(make("rollout.tensor_parallel_size=2", "sync.transport=object_store"))
     validate(make("rollout.engine=async"))
+    tp2, aio = make("rollout=tp2"), make("rollout=async")  # the config groups users select
+    validate(tp2), validate(aio)
+    assert rollout_executor(tp2) == "mp" and tp2.rollout.tensor_parallel_size == 2
+    assert aio.rollout.engine == "async" and rollout_executor(aio) == "uni"
     with pytest.raises(ConfigError, match=r"rollout.engine='vllm'.*choose one of llm, async"):
         validate(make("rollout.engine=vllm"))
     with pytest.raises(ConfigError, match=r"sync.transport='object_store'.*rollout.engine=async.*torchdist"):
