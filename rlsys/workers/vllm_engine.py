@@ -202,6 +202,30 @@ def _check_group_size(worker_id: int, prompt_id: str, got: int, want: int) -> No
         )
 
 
+def _init_info(addr: Any, backend: str, timeout_s: float) -> dict[str, Any]:
+    """The ``init_info`` of vLLM's ``init_weight_transfer_engine`` (a ``TorchDistInitInfo``)."""
+    return {
+        "host": addr.host,
+        "port": addr.port,
+        "world_size": addr.world_size,
+        "name": addr.name,
+        "backend": backend,
+        "timeout_s": timeout_s,
+    }
+
+
+def _update_info(meta: list, version: int, bucket_bytes: int, piece_bytes: int) -> dict[str, Any]:
+    """The ``update_info`` of vLLM's ``update_weights`` (a ``TorchDistUpdateInfo``)."""
+    return {
+        "names": [m.name for m in meta],
+        "dtypes": [m.dtype for m in meta],
+        "shapes": [list(m.shape) for m in meta],
+        "version": int(version),
+        "bucket_bytes": int(bucket_bytes),
+        "piece_bytes": int(piece_bytes),
+    }
+
+
 def version_spans(weight_versions: Any, num_tokens: int, initial: int = 0) -> tuple[tuple[int, int, int], ...]:
     """vLLM's ``CompletionOutput.weight_versions`` (spans labelled with the string given to
     ``finish_weight_update``) as ``((version, start, end), ...)`` over token indexes [start, end).
@@ -303,14 +327,7 @@ class RolloutEngine:
     def join_weight_group(self, addr: Any, backend: str, timeout_s: float) -> None:
         """Join the transfer group at ``addr`` (a :class:`rlsys.workers.torchdist.GroupAddress`), every TP
         rank at once; blocks until the learner's end has joined too."""
-        info = {
-            "host": addr.host,
-            "port": addr.port,
-            "world_size": addr.world_size,
-            "name": addr.name,
-            "backend": backend,
-            "timeout_s": timeout_s,
-        }
+        info = _init_info(addr, backend, timeout_s)
         self.llm.init_weight_transfer_engine({"init_info": info})
 
     def receive_weights(self, meta: list, version: int, bucket_bytes: int, piece_bytes: int) -> list[dict]:
@@ -319,14 +336,7 @@ class RolloutEngine:
 
         On a failure part-way the engine is marked broken (it holds half-updated weights) and raises."""
         self._check_usable()
-        info = {
-            "names": [m.name for m in meta],
-            "dtypes": [m.dtype for m in meta],
-            "shapes": [list(m.shape) for m in meta],
-            "version": int(version),
-            "bucket_bytes": int(bucket_bytes),
-            "piece_bytes": int(piece_bytes),
-        }
+        info = _update_info(meta, version, bucket_bytes, piece_bytes)
         try:
             self.llm.start_weight_update()
             self.llm.update_weights({"update_info": info})
@@ -476,14 +486,7 @@ class AsyncRolloutEngine:
         """As :meth:`RolloutEngine.join_weight_group`."""
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        info = {
-            "host": addr.host,
-            "port": addr.port,
-            "world_size": addr.world_size,
-            "name": addr.name,
-            "backend": backend,
-            "timeout_s": timeout_s,
-        }
+        info = _init_info(addr, backend, timeout_s)
         await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=info))
 
     async def receive_weights(self, meta: list, version: int, bucket_bytes: int, piece_bytes: int) -> list[dict]:
@@ -492,14 +495,7 @@ class AsyncRolloutEngine:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         self._check_usable()
-        info = {
-            "names": [m.name for m in meta],
-            "dtypes": [m.dtype for m in meta],
-            "shapes": [list(m.shape) for m in meta],
-            "version": int(version),
-            "bucket_bytes": int(bucket_bytes),
-            "piece_bytes": int(piece_bytes),
-        }
+        info = _update_info(meta, version, bucket_bytes, piece_bytes)
         async with self._update_lock:
             t0 = time.perf_counter()
             await self.llm.pause_generation(mode="keep", clear_cache=False)

@@ -10,9 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from rlsys.cluster import actor_options, connect, loopback_env
 from rlsys.records import RolloutRequest
-from tests.integration.transfer_helpers import base_and_perturbed, engine_gaps
+from tests.integration.transfer_helpers import base_and_perturbed, engine_gaps, learner_of, local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -21,39 +20,27 @@ LONG = [RolloutRequest(f"long{i}", tuple(range(5 + i, 15 + i))) for i in range(8
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    loopback_env()
-    import ray
-
-    started = connect(None, num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
+    with local_ray(4):
+        yield
 
 
 @pytest.fixture(scope="module")
 def async_actors(ray_cluster: None, tmp_path_factory) -> Iterator[tuple]:
-    from rlsys.workers.learner import LearnerGroup, LearnerSpec
     from rlsys.workers.rollout import RolloutPool, RolloutSpec
     from rlsys.workers.weight_path import TorchDistPath
 
     base, perturbed = base_and_perturbed(tmp_path_factory.mktemp("async"))
-    learners = LearnerGroup(
-        LearnerSpec(model_path=perturbed, zero_stage=2, dtype="float32"),
-        1,
-        actor_options(1),
-        init_dir=str(tmp_path_factory.mktemp("init")),
-    )
-    spec = RolloutSpec(
-        model_path=base, dtype="float32", max_tokens=400, transport="torchdist", engine="async", max_model_len=512
-    )
-    pool = RolloutPool(spec, 1, num_cpus=1, num_threads=2, timeout_s=120, ready_timeout_s=300)
-    path = TorchDistPath(learners, pool, backend="gloo", bucket_bytes=1 << 20, piece_bytes=256 << 10, timeout_s=8.0)
-    path.start()
-    try:
-        yield learners, pool, path
-    finally:
-        pool.shutdown()
-        learners.shutdown()
+    with learner_of(perturbed, str(tmp_path_factory.mktemp("init"))) as learners:
+        spec = RolloutSpec(
+            model_path=base, dtype="float32", max_tokens=400, transport="torchdist", engine="async", max_model_len=512
+        )
+        pool = RolloutPool(spec, 1, num_cpus=1, num_threads=2, timeout_s=120, ready_timeout_s=300)
+        path = TorchDistPath(learners, pool, backend="gloo", bucket_bytes=1 << 20, piece_bytes=256 << 10, timeout_s=8.0)
+        path.start()
+        try:
+            yield learners, pool, path
+        finally:
+            pool.shutdown()
 
 
 def test_a_push_lands_in_flight_and_completions_record_both_versions(async_actors) -> None:

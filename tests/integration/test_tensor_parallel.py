@@ -20,9 +20,8 @@ import numpy as np
 import psutil
 import pytest
 
-from rlsys.cluster import actor_options, connect, loopback_env
 from rlsys.records import RolloutRequest
-from tests.integration.transfer_helpers import base_and_perturbed, engine_gaps
+from tests.integration.transfer_helpers import base_and_perturbed, engine_gaps, learner_of, local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +31,8 @@ SEEDS = {r.prompt_id: 100 + i for i, r in enumerate(REQUESTS)}
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    loopback_env()
-    import ray
-
-    started = connect(None, num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
+    with local_ray(4):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -49,30 +43,30 @@ def models(tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def tp2(ray_cluster: None, models: tuple[str, str], tmp_path_factory) -> Iterator[tuple]:
     """A TP=2 rollout engine fed by a learner through torchdist (world 1 + 2)."""
-    from rlsys.workers.learner import LearnerGroup, LearnerSpec
     from rlsys.workers.rollout import RolloutPool, RolloutSpec
     from rlsys.workers.weight_path import TorchDistPath
 
     base, perturbed = models
-    learners = LearnerGroup(
-        LearnerSpec(model_path=perturbed, zero_stage=2, dtype="float32"),
-        1,
-        actor_options(1),
-        init_dir=str(tmp_path_factory.mktemp("init")),
-    )
-    spec = RolloutSpec(
-        model_path=base, dtype="float32", max_tokens=12, transport="torchdist", tensor_parallel_size=2, executor="mp"
-    )
-    pool = RolloutPool(spec, 1, num_cpus=1, num_threads=2, timeout_s=120, ready_timeout_s=300, restart_backoff_s=0.1)
-    path = TorchDistPath(
-        learners, pool, backend="gloo", bucket_bytes=1 << 20, piece_bytes=256 << 10, timeout_s=8.0, tp_size=2
-    )
-    path.start()
-    try:
-        yield learners, pool, path
-    finally:
-        pool.shutdown()
-        learners.shutdown()
+    with learner_of(perturbed, str(tmp_path_factory.mktemp("init"))) as learners:
+        spec = RolloutSpec(
+            model_path=base,
+            dtype="float32",
+            max_tokens=12,
+            transport="torchdist",
+            tensor_parallel_size=2,
+            executor="mp",
+        )
+        pool = RolloutPool(
+            spec, 1, num_cpus=1, num_threads=2, timeout_s=120, ready_timeout_s=300, restart_backoff_s=0.1
+        )
+        path = TorchDistPath(
+            learners, pool, backend="gloo", bucket_bytes=1 << 20, piece_bytes=256 << 10, timeout_s=8.0, tp_size=2
+        )
+        path.start()
+        try:
+            yield learners, pool, path
+        finally:
+            pool.shutdown()
 
 
 def test_tp2_generation_matches_tp1_on_the_same_seeds(tp2, models) -> None:

@@ -21,8 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rlsys.cluster import actor_options, connect, loopback_env
-from tests.integration.transfer_helpers import base_and_perturbed, engine_gaps
+from tests.integration.transfer_helpers import base_and_perturbed, engine_gaps, learner_of, local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +30,8 @@ TIMEOUT_S = 8.0  # sync.timeout_s of these tests: a hung engine is dropped after
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    loopback_env()
-    import ray
-
-    started = connect(None, num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
+    with local_ray(4):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +42,23 @@ def models(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def actors(ray_cluster: None, models: tuple[str, str], tmp_path_factory) -> Iterator[tuple]:
-    from rlsys.workers.learner import LearnerGroup, LearnerSpec
     from rlsys.workers.rollout import RolloutPool, RolloutSpec
     from rlsys.workers.weight_path import TorchDistPath
 
     base, perturbed = models
-    learners = LearnerGroup(
-        LearnerSpec(model_path=perturbed, zero_stage=2, dtype="float32"),
-        1,
-        actor_options(1),
-        init_dir=str(tmp_path_factory.mktemp("init")),
-    )
-    spec = RolloutSpec(model_path=base, dtype="float32", max_tokens=8, transport="torchdist")
-    pool = RolloutPool(spec, 2, num_cpus=1, timeout_s=120, ready_timeout_s=300, max_restarts=4, restart_backoff_s=0.1)
-    path = TorchDistPath(
-        learners, pool, backend="gloo", bucket_bytes=1 << 20, piece_bytes=256 << 10, timeout_s=TIMEOUT_S
-    )
-    path.start()
-    try:
-        yield learners, pool, path
-    finally:
-        pool.shutdown()
-        learners.shutdown()
+    with learner_of(perturbed, str(tmp_path_factory.mktemp("init"))) as learners:
+        spec = RolloutSpec(model_path=base, dtype="float32", max_tokens=8, transport="torchdist")
+        pool = RolloutPool(
+            spec, 2, num_cpus=1, timeout_s=120, ready_timeout_s=300, max_restarts=4, restart_backoff_s=0.1
+        )
+        path = TorchDistPath(
+            learners, pool, backend="gloo", bucket_bytes=1 << 20, piece_bytes=256 << 10, timeout_s=TIMEOUT_S
+        )
+        path.start()
+        try:
+            yield learners, pool, path
+        finally:
+            pool.shutdown()
 
 
 def worker_pid(pool, i: int) -> int:

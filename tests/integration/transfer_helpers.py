@@ -4,6 +4,8 @@ sync that moved nothing shows) and the probe that compares an engine's logprobs 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +46,34 @@ def engine_gaps(learners, pool) -> list[float]:
     """Per engine: mean |engine logprob - learner logprob| over the probe."""
     ref = learner_probe(learners)
     return [float(np.abs(lp - ref).mean()) for lp in pool.sequence_logprobs(PROBE)]
+
+
+@contextmanager
+def local_ray(num_cpus: int = 4) -> Iterator[None]:
+    """A loopback-only local Ray cluster for one test module (left alone if one is already up)."""
+    from rlsys.cluster import connect, loopback_env
+
+    loopback_env()
+    import ray
+
+    started = connect(None, num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextmanager
+def learner_of(model_path: str, init_dir: str) -> Iterator[object]:
+    """One float32 ZeRO-2 learner rank (a Ray actor) serving ``model_path``."""
+    from rlsys.cluster import actor_options
+    from rlsys.workers.learner import LearnerGroup, LearnerSpec
+
+    learners = LearnerGroup(
+        LearnerSpec(model_path=model_path, zero_stage=2, dtype="float32"), 1, actor_options(1), init_dir=init_dir
+    )
+    try:
+        yield learners
+    finally:
+        learners.shutdown()
