@@ -514,19 +514,17 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
         )
     if r.engine not in ROLLOUT_ENGINES:
         _fail("rollout.engine", r.engine, f"choose one of {', '.join(ROLLOUT_ENGINES)}")
-    if r.engine == "async" and sync_transport(cfg)[0] == "object_store":
-        _fail(
-            "sync.transport",
-            s.transport,
-            "rollout.engine=async takes weights through vLLM's weight-transfer protocol only: "
-            "use sync.transport=torchdist (or auto)",
+    if sync_transport(cfg)[0] == "object_store" and (r.engine == "async" or rollout_executor(cfg) == "mp"):
+        who = (
+            "rollout.engine=async"
+            if r.engine == "async"
+            else f"rollout.executor={r.executor} (tensor_parallel_size={r.tensor_parallel_size})"
         )
-    if rollout_executor(cfg) == "mp" and sync_transport(cfg)[0] == "object_store":
         _fail(
             "sync.transport",
             s.transport,
-            f"rollout.executor={r.executor} (tensor_parallel_size={r.tensor_parallel_size}) runs the model in "
-            "other processes, which the object-store path cannot reach: use sync.transport=torchdist (or auto)",
+            f"{who} runs the model in other processes, which the object-store path cannot reach: "
+            "use sync.transport=torchdist (or auto)",
         )
     if s.max_logprob_diff is not None and not s.max_logprob_diff > 0:
         _fail("sync.max_logprob_diff", s.max_logprob_diff, "must be > 0, or null for the dtype's default")

@@ -46,9 +46,35 @@ def _iter_bucket_refs(refs: list) -> Iterator[tuple[str, Any]]:
 _SHM_PREFIX = "/dev/shm/psm_"  # multiprocessing.shared_memory segments (vLLM's shm message queues)
 
 
-def _distributed_init_method(worker: Any) -> str:
-    """Runs inside vLLM's worker (via collective_rpc): the rendezvous URI the engine started with."""
-    return str(getattr(worker, "distributed_init_method", "") or "")
+def _mapped_shm() -> set[str]:
+    """The Python shared-memory segments this process has mapped or open (empty without /proc)."""
+    paths: set[str] = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith(_SHM_PREFIX) and not parts[5].endswith("(deleted)\n"):
+                    paths.add(parts[5].strip())
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(_SHM_PREFIX) and not target.endswith("(deleted)"):
+                paths.add(target)
+    except OSError:
+        pass  # not Linux: only the rendezvous file is known
+    return paths
+
+
+def _rank_scratch(worker: Any) -> list[str]:
+    """Runs in each of vLLM's worker ranks (via collective_rpc): the rendezvous file the engine started
+    with and the segments the rank maps (a TP rank creates queues the actor itself never maps)."""
+    paths = _mapped_shm()
+    uri = str(getattr(worker, "distributed_init_method", "") or "")
+    if uri.startswith("file://"):
+        paths.add(uri[len("file://") :])
+    return sorted(paths)
 
 
 class RolloutWorkerActor:
@@ -71,33 +97,17 @@ class RolloutWorkerActor:
 
         ``{"node_id": ..., "pid": ..., "paths": [...]}``: vLLM's file-store rendezvous
         (``vllm_dist_*`` in the temp dir) and the Python shared-memory segments
-        (``/dev/shm/psm_*``, vLLM's message queues) the process has mapped or open. Other
+        (``/dev/shm/psm_*``, vLLM's message queues) this process or any of its TP ranks has mapped or open. Other
         ``/dev/shm`` files (Ray's object store) are not vLLM's and never listed. The engine's
         ``shutdown`` removes these; after a SIGKILL the pool removes them instead.
         """
         import ray
 
-        paths: set[str] = set()
+        paths = _mapped_shm()
         llm = self.engine.llm
         if llm is not None:
-            for uri in llm.collective_rpc(_distributed_init_method):
-                if uri.startswith("file://"):
-                    paths.add(uri[len("file://") :])
-        try:
-            with open("/proc/self/maps") as f:
-                for line in f:
-                    parts = line.split(maxsplit=5)
-                    if len(parts) == 6 and parts[5].startswith(_SHM_PREFIX) and not parts[5].endswith("(deleted)\n"):
-                        paths.add(parts[5].strip())
-            for fd in os.listdir("/proc/self/fd"):
-                try:
-                    target = os.readlink(f"/proc/self/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith(_SHM_PREFIX) and not target.endswith("(deleted)"):
-                    paths.add(target)
-        except OSError:
-            pass  # no /proc (not Linux): only the rendezvous file is known
+            for rank_paths in llm.collective_rpc(_rank_scratch):
+                paths.update(rank_paths)
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "paths": sorted(paths)}
 
     def generate(self, requests: list[RolloutRequest], group_size: int, seeds: list[int]):
@@ -146,8 +156,9 @@ class AsyncRolloutWorkerActor:
         return await self.engine.describe()
 
     async def scratch_files(self) -> dict:
-        # AsyncLLM's engine core is a child process of this actor; it exits when the actor dies
-        # (vLLM watches its parent), and its files are its own to remove.
+        # AsyncLLM's engine core is a child process of this actor and exits when the actor dies
+        # (tests/integration/test_async_engine.py); it talks to the actor over sockets, and a SIGKILLed
+        # async worker was seen to leave no /dev/shm segment and no rendezvous file behind.
         import ray
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "paths": []}

@@ -11,6 +11,7 @@ process per rank, each bound to its own core.
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import time
@@ -56,6 +57,7 @@ def tp2(ray_cluster: None, models: tuple[str, str], tmp_path_factory) -> Iterato
             tensor_parallel_size=2,
             executor="mp",
         )
+        shm_before = set(glob.glob("/dev/shm/psm_*"))  # segments of anything but this engine
         pool = RolloutPool(
             spec, 1, num_cpus=1, num_threads=2, timeout_s=120, ready_timeout_s=300, restart_backoff_s=0.1
         )
@@ -64,7 +66,7 @@ def tp2(ray_cluster: None, models: tuple[str, str], tmp_path_factory) -> Iterato
         )
         path.start()
         try:
-            yield learners, pool, path
+            yield learners, pool, path, shm_before
         finally:
             pool.shutdown()
 
@@ -72,7 +74,7 @@ def tp2(ray_cluster: None, models: tuple[str, str], tmp_path_factory) -> Iterato
 def test_tp2_generation_matches_tp1_on_the_same_seeds(tp2, models) -> None:
     from rlsys.workers.rollout import RolloutPool, RolloutSpec
 
-    _, pool, _ = tp2
+    _, pool, _, _ = tp2
     info = pool.describe()[0]
     assert len(info["ranks"]) == 2 and len({r["pid"] for r in info["ranks"]}) == 2
     assert info["pid"] not in {r["pid"] for r in info["ranks"]}  # the ranks are processes of their own
@@ -96,7 +98,7 @@ def test_tp2_generation_matches_tp1_on_the_same_seeds(tp2, models) -> None:
 def test_a_push_reaches_every_tp_rank(tp2) -> None:
     import ray
 
-    learners, pool, path = tp2
+    learners, pool, path, _ = tp2
     assert min(engine_gaps(learners, pool)) > 0.05
     report = path.push(1)
     assert report.replaced == ()
@@ -108,11 +110,16 @@ def test_a_push_reaches_every_tp_rank(tp2) -> None:
 
 
 def test_a_killed_tp2_worker_takes_its_ranks_along_and_its_replacement_gets_the_weights(tp2) -> None:
-    learners, pool, path = tp2
+    import ray
+
+    learners, pool, path, shm_before = tp2
     if path.version == 0:
         path.push(1)
     info = pool.describe()[0]
     rank_pids = [r["pid"] for r in info["ranks"]]
+    scratch = ray.get(pool.workers[0].scratch_files.remote(), timeout=60)["paths"]
+    # Every segment this engine made is known, the ones only its TP ranks map included.
+    assert set(glob.glob("/dev/shm/psm_*")) - shm_before <= set(scratch), scratch
     os.kill(info["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 30
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in rank_pids):
@@ -121,5 +128,7 @@ def test_a_killed_tp2_worker_takes_its_ranks_along_and_its_replacement_gets_the_
     groups, stats = pool.generate(REQUESTS, 2, SEEDS)  # the pool replaces the dead worker and re-issues
     assert len(groups) == len(REQUESTS) and stats[0].restarts == 1
     assert pool.describe()[0]["pid"] != info["pid"]
+    leaked = [p for p in scratch if os.path.exists(p)]
+    assert not leaked, f"the killed TP worker's files were not removed: {leaked}"
     assert [g.weight_version for g in groups] == [1] * len(REQUESTS)
     assert max(engine_gaps(learners, pool)) < 1e-3
