@@ -29,7 +29,14 @@ from typing import Any
 
 from rlsys import signals
 from rlsys.checkpoint import LEARNER_STATE_DIR
-from rlsys.config import ConfigError, RLConfig, rollout_executor, sync_bucket_bytes, sync_transport
+from rlsys.config import (
+    ConfigError,
+    RLConfig,
+    importance_correction,
+    rollout_executor,
+    sync_bucket_bytes,
+    sync_transport,
+)
 from rlsys.workers import LearnerGroupLike, RewardGroupLike, RolloutGroupLike  # Protocols only: no Ray
 
 log = logging.getLogger("rlsys.build")
@@ -60,7 +67,7 @@ def rollout_spec(cfg: RLConfig, model_path: str) -> Any:
     r = cfg.rollout
     return _spec(
         RolloutSpec,
-        ("max_model_len", "transport"),
+        ("max_model_len", "transport", "initial_version"),
         model_path=model_path,
         dtype=cfg.model.dtype,
         max_tokens=r.max_tokens,
@@ -83,6 +90,7 @@ def learner_spec(cfg: RLConfig, model_path: str) -> Any:
     from rlsys.workers.learner import LearnerSpec
 
     a, lr = cfg.algo, cfg.learner
+    correction, cap = importance_correction(cfg)
     return _spec(
         LearnerSpec,
         ("eps", "logprob_chunk_tokens", "logprob_micro_batch_size", "gather_bytes", "dist_timeout_s"),
@@ -102,7 +110,9 @@ def learner_spec(cfg: RLConfig, model_path: str) -> Any:
         token_sum_constant=float(cfg.rollout.max_tokens),
         kl_coef=a.kl_coef,
         entropy_coef=a.entropy_coef,
-        tis_cap=a.tis_cap,
+        tis_cap=cap,
+        tis_mode="mask" if correction == "mask" else "truncate",
+        dual_clip=a.dual_clip,
         seed=cfg.trainer.seed,
         gradient_checkpointing=lr.gradient_checkpointing,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -127,6 +137,7 @@ def sft_learner_spec(cfg: RLConfig, model_path: str, *, dtype: str, micro_batch_
         kl_coef=0.0,
         entropy_coef=0.0,
         tis_cap=None,  # SFT rows carry rollout log-probs 0 (see rlsys.sft): no IS correction
+        dual_clip=None,
         seed=s.seed,
         micro_batch_size=micro_batch_size,
     )
@@ -189,8 +200,10 @@ def make_rollout_pool(
     max_tokens: int | None = None,
     seed: int | None = None,
     transport: str = "object_store",
+    initial_version: int = 0,
 ) -> Any:
-    """A started RolloutPool of ``cfg.rollout`` serving ``model_path`` (Ray must be connected).
+    """A started RolloutPool of ``cfg.rollout`` serving ``model_path`` (Ray must be connected), whose
+    weights are version ``initial_version`` (a resumed run's checkpoint version).
 
     ``num_workers`` (None: ``rollout.num_workers``), ``temperature``, ``max_tokens`` and ``seed``
     (None: the spec's, from ``rollout.*`` / ``trainer.seed``) are what evaluation jobs change; the
@@ -205,7 +218,9 @@ def make_rollout_pool(
     over = {
         k: v for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed)) if v is not None
     }
-    spec = dataclasses.replace(rollout_spec(cfg, model_path), transport=transport, **over)
+    spec = dataclasses.replace(
+        rollout_spec(cfg, model_path), transport=transport, initial_version=initial_version, **over
+    )
     # sync.timeout_s is the deadline of a weight push; every other call is bounded by rollout.timeout_s.
     return RolloutPool(
         spec,
@@ -288,7 +303,13 @@ def _shutdown_in_order(started: dict[str, Any]) -> None:
 
 @contextmanager
 def start_actors(
-    cfg: RLConfig, model_path: str, resume: Path | None, out_dir: Path, *, verifiers: Sequence[str] = ()
+    cfg: RLConfig,
+    model_path: str,
+    resume: Path | None,
+    out_dir: Path,
+    *,
+    verifiers: Sequence[str] = (),
+    weight_version: int = 0,
 ) -> Iterator[Actors]:
     """Start the training job's reward pool, learner group and rollout pool (in that order); yield them;
     shut every one that started down on exit (rollout, reward, learners), also when a later one fails
@@ -298,7 +319,8 @@ def start_actors(
     from (the learners load its state; the rollout engines start from its Hugging Face weights, which
     equal the last pushed ones), or None. ``out_dir``: the run directory (the learners' process-group
     file lives under it). ``verifiers``: the data's verifier specs, checked by the reward pool before
-    the learners start. Ray must be connected.
+    the learners start. ``weight_version``: the version the starting weights are (a resumed run's
+    checkpoint version; completions are labelled with it). Ray must be connected.
     """
     started: dict[str, Any] = {}
     with ExitStack() as stack:
@@ -311,7 +333,12 @@ def start_actors(
             # Optimizer state, fp32 master weights and RNG of every rank.
             started["learners"].load_state(str(resume / LEARNER_STATE_DIR))
         transport, _ = sync_transport(cfg)
-        started["rollout"] = make_rollout_pool(cfg, str(resume) if resume else model_path, transport=transport)
+        started["rollout"] = make_rollout_pool(
+            cfg,
+            str(resume) if resume else model_path,
+            transport=transport,
+            initial_version=weight_version,
+        )
         weights = make_weight_path(cfg, started["learners"], started["rollout"])
         log.info(
             "actors up in %.1f s: %d rollout, %d reward, %d learner workers",

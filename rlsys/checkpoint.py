@@ -30,6 +30,8 @@ from rlsys.sampler import SamplerState
 
 STATE_FILE = "driver_state.json"
 LEARNER_STATE_DIR = "learner_state"
+# The off-policy trainer modes: batches generated for steps after the checkpoint's, not yet trained on.
+INFLIGHT_FILE = "inflight.pkl"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 log = logging.getLogger("rlsys.checkpoint")
@@ -135,6 +137,22 @@ def latest(out_dir: str | os.PathLike) -> Path | None:
 
 def load_driver_state(ckpt: Path) -> DriverState:
     return DriverState.from_json((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def save_inflight(ckpt: Path, batches: dict[int, object]) -> None:
+    """Keep the batches in flight at a checkpoint ({step: the driver's StepGroups}) with it."""
+    import pickle
+
+    (ckpt / INFLIGHT_FILE).write_bytes(pickle.dumps(batches, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_inflight(ckpt: Path) -> dict[int, object]:
+    """The batches :func:`save_inflight` kept ({} for a checkpoint of a sync run). The file is the
+    run's own, written by this driver into its own checkpoint: unpickling it runs no foreign code."""
+    import pickle
+
+    path = ckpt / INFLIGHT_FILE
+    return pickle.loads(path.read_bytes()) if path.exists() else {}
 
 
 def truncate_metrics(path: str | os.PathLike, last_step: int) -> int:

@@ -9,7 +9,25 @@ their own boundary because they are also called directly, without a config.
 from __future__ import annotations
 
 # algo.name: a base objective, optionally with the focal weight ("f_" prefix).
-ALGOS = ("grpo", "f_grpo", "dapo", "f_dapo", "cispo", "f_cispo")
+ALGOS = ("grpo", "f_grpo", "dapo", "f_dapo", "cispo", "f_cispo", "rloo", "f_rloo", "maxrl", "f_maxrl")
+# algo.name without the "f_" prefix -> (its loss_type, its advantage estimator)
+ALGO_PARTS = {
+    "grpo": ("grpo", "grpo"),
+    "dapo": ("dapo", "grpo"),
+    "cispo": ("cispo", "grpo"),
+    "rloo": ("grpo", "rloo"),
+    "maxrl": ("grpo", "maxrl"),
+}
+# algo.advantage: how a group's rewards become advantages (rlsys.algo.advantages.group_advantages)
+ADVANTAGES = ("grpo", "rloo", "maxrl")
+# algo.std: the group std that scales GRPO advantages (population: rlsys's default; sample: Bessel, as verl and TRL)
+STD_KINDS = ("population", "sample")
+# algo.std_scope: the std of each group, or of the whole batch (TRL's scale_rewards="batch")
+STD_SCOPES = ("group", "batch")
+# algo.is_correction: importance weight pi_old / pi_behaviour per token (auto: truncate off-policy, off in sync)
+IS_CORRECTIONS = ("auto", "off", "truncate", "mask")
+# trainer.mode: when rollouts are generated relative to training (rlsys.driver)
+TRAINER_MODES = ("sync", "one_step_off", "async")
 # algo.loss_type: the base objective (rlsys.algo.losses.policy_loss).
 LOSS_TYPES = ("grpo", "dapo", "cispo")
 # algo.agg: how per-token losses are aggregated into one number (rlsys.algo.losses).
@@ -44,6 +62,12 @@ VLLM_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 __all__ = [
     "ALGOS",
+    "ALGO_PARTS",
+    "ADVANTAGES",
+    "STD_KINDS",
+    "STD_SCOPES",
+    "IS_CORRECTIONS",
+    "TRAINER_MODES",
     "LOSS_TYPES",
     "AGG_MODES",
     "DTYPES",

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlsys.choices import (
+    ADVANTAGES,
     AGG_MODES,
+    ALGO_PARTS,
     ALGOS,
     BUILTIN_MODELS,
     DTYPES,
     EVAL_SPLITS,
+    IS_CORRECTIONS,
     LOSS_TYPES,
     ON_BAD_ROW,
     PROMPT_FORMATS,
@@ -27,7 +30,10 @@ from rlsys.choices import (
     ROLLOUT_ENGINES,
     ROLLOUT_EXECUTORS,
     SELECT_MODES,
+    STD_KINDS,
+    STD_SCOPES,
     SYNC_TRANSPORTS,
+    TRAINER_MODES,
     VLLM_LOG_LEVELS,
     WANDB_MODES,
 )
@@ -57,6 +63,16 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     log_samples: int = 2  # decoded samples printed per step
     max_nonfinite_steps: int = 3  # abort after this many skipped non-finite steps in a row
+    # PPO: each rollout batch is split into `mini_batches` parts (whole groups each) and trained for
+    # `epochs` passes: mini_batches * epochs optimizer steps per batch, pi_old computed once before the
+    # first. 1 x 1 (the default): one step, the ratio is exactly 1 and no pi_old pass is spent.
+    mini_batches: int = 1
+    epochs: int = 1
+    # sync: generate, then train. one_step_off: the next batch generates while this one trains (its
+    # samples are one version old). async: rollout workers generate ahead, up to max_staleness
+    # versions; older groups are dropped (counted). docs/async.md
+    mode: str = "sync"
+    max_staleness: int = 1  # async: a group sampled more than this many versions ago is not trained on
 
 
 @dataclass
@@ -71,11 +87,21 @@ class AlgoConfig:
     clip_low: float | None = None  # None: the loss type's default (grpo .2, dapo .2, cispo 1.0)
     clip_high: float | None = None  # None: the loss type's default (grpo .2, dapo .28, cispo 5.0)
     agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    advantage: str = "grpo"  # grpo (z-score) | rloo (leave-one-out baseline) | maxrl ((r - mean) / mean); set by algo=
+    std: str = "population"  # grpo's group std: population (rlsys) | sample (Bessel; verl, TRL)
+    std_scope: str = "group"  # group | batch (one std over the whole batch, TRL's scale_rewards="batch")
+    # Dual clip (verl): for negative advantages the clipped ratio term is bounded by dual_clip * |A|
+    # (a constant > 1, 3.0 is usual); null = off.
+    dual_clip: float | None = None
     kl_coef: float = 0.0  # k3 KL to the initial policy; 0 = off (the paper's setting)
     entropy_coef: float = 0.0
     # Truncated importance sampling against the rollout engine (Yao et al. 2025): weight each token's
     # policy-gradient term by min(pi_old / pi_rollout, tis_cap); None = off. 2.0 is the usual value.
     tis_cap: float | None = None
+    # Importance correction against the behaviour policy (the rollout engine's logprobs): auto = truncate
+    # in the off-policy trainer modes and off in sync (unless tis_cap is set); truncate = min(w, cap);
+    # mask = tokens with w > cap are left out of the policy-gradient term. The cap: tis_cap, else 2.0.
+    is_correction: str = "auto"
     dynamic_sampling: bool = False  # DAPO: keep only mixed groups, refill with fresh prompts
     max_refill_rounds: int = 3  # dynamic sampling: extra generation rounds before giving up
 
@@ -366,14 +392,33 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
         _fail("algo.name", a.name, f"choose one of {', '.join(ALGOS)} (e.g. algo=f_grpo)")
     if a.loss_type not in LOSS_TYPES:
         _fail("algo.loss_type", a.loss_type, f"choose one of {', '.join(LOSS_TYPES)}")
-    base = a.name.removeprefix("f_")
-    if a.loss_type != base:
+    loss_type, advantage = ALGO_PARTS[a.name.removeprefix("f_")]
+    for key, have, want in (("loss_type", a.loss_type, loss_type), ("advantage", a.advantage, advantage)):
+        if have != want:
+            _fail(
+                f"algo.{key}",
+                have,
+                f"algo.name={a.name} uses {key}={want}; select the algo "
+                f"with the config group (algo={a.name}) rather than setting algo.name alone",
+            )
+    if a.advantage not in ADVANTAGES:
+        _fail("algo.advantage", a.advantage, f"choose one of {', '.join(ADVANTAGES)}")
+    if a.advantage != "grpo" and a.std_normalize:
         _fail(
-            "algo.loss_type",
-            a.loss_type,
-            f"algo.name={a.name} uses loss_type={base}; select the algo "
-            f"with the config group (algo={a.name}) rather than setting algo.name alone",
+            "algo.std_normalize",
+            a.std_normalize,
+            f"algo.advantage={a.advantage} does not divide by a std; set algo.std_normalize=false (algo={a.name} does)",
         )
+    if a.std not in STD_KINDS:
+        _fail("algo.std", a.std, f"choose one of {', '.join(STD_KINDS)}")
+    if a.std_scope not in STD_SCOPES:
+        _fail("algo.std_scope", a.std_scope, f"choose one of {', '.join(STD_SCOPES)}")
+    if a.dual_clip is not None and not (math.isfinite(a.dual_clip) and a.dual_clip > 1):
+        _fail("algo.dual_clip", a.dual_clip, "must be a finite number > 1 (3.0 is usual), or null for off")
+    if a.dual_clip is not None and a.loss_type == "cispo":
+        _fail("algo.dual_clip", a.dual_clip, "cispo clips its importance weight, not a ratio term; leave it null")
+    if a.is_correction not in IS_CORRECTIONS:
+        _fail("algo.is_correction", a.is_correction, f"choose one of {', '.join(IS_CORRECTIONS)}")
     if a.group_size < 2:
         _fail("algo.group_size", a.group_size, "a group needs >= 2 rollouts for a baseline (use >= 2, typically 8)")
     if a.gamma < 0:
@@ -413,6 +458,15 @@ def validate(cfg: RLConfig, *, available_cpus: int | None = None) -> None:
     _check_positive(t, "trainer", ("save_every", "eval_every", "keep_checkpoints", "log_samples"), allow_zero=True)
     if t.keep_checkpoints < 1:
         _fail("trainer.keep_checkpoints", t.keep_checkpoints, "keep at least 1 checkpoint")
+    _check_positive(t, "trainer", ("mini_batches", "epochs", "max_staleness"))
+    if t.mini_batches > t.prompts_per_step:
+        _fail(
+            "trainer.mini_batches",
+            t.mini_batches,
+            f"a mini-batch holds whole groups: at most trainer.prompts_per_step={t.prompts_per_step}",
+        )
+    if t.mode not in TRAINER_MODES:
+        _fail("trainer.mode", t.mode, f"choose one of {', '.join(TRAINER_MODES)}")
 
     m = cfg.model
     if m.dtype not in DTYPES:
@@ -597,6 +651,22 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="rl_schema", node=RLConfig)
+
+
+DEFAULT_IS_CAP = 2.0  # the usual truncation of the importance weight (Yao et al. 2025)
+
+
+def importance_correction(cfg: RLConfig) -> tuple[str, float | None]:
+    """``(mode, cap)`` of the importance correction against the behaviour policy: mode "off",
+    "truncate" or "mask"; cap None when off. ``algo.is_correction=auto`` truncates in the off-policy
+    trainer modes (and in sync when ``algo.tis_cap`` is set) and is off otherwise."""
+    a = cfg.algo
+    mode = a.is_correction
+    if mode == "auto":
+        mode = "truncate" if (cfg.trainer.mode != "sync" or a.tis_cap is not None) else "off"
+    if mode == "off":
+        return "off", None
+    return mode, a.tis_cap if a.tis_cap is not None else DEFAULT_IS_CAP
 
 
 def to_dataclass(cfg: Any) -> RLConfig:

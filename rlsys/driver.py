@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +43,9 @@ from rlsys.config import (
 )
 from rlsys.data import PromptFormat, encode_prompt, load_eval_rows, load_train_rows, probe_tokens
 from rlsys.eval import EvalResult, eval_metrics, plot_training_evals, run_evaluation
-from rlsys.metrics import MetricsLogger
+from rlsys.metrics import UPDATES_FILE, MetricsLogger
 from rlsys.models import base_model_path, load_tokenizer
+from rlsys.prefetch import Prefetcher
 from rlsys.progress import Progress
 from rlsys.records import (
     GRADE_STATUSES,
@@ -93,6 +94,7 @@ class RunInputs:
     rows: list[PromptRow]  # the training prompts
     fmt: PromptFormat  # how prompts become tokens (data.prompt_format and friends)
     requests: dict[str, RolloutRequest]  # prompt id -> its rendered, tokenized prompt
+    inflight: dict[int, StepGroups]  # off-policy modes: batches the checkpoint kept, by step ({}: none)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class StepGroups:
     gen_stats: list[GenerationStats]  # one per busy rollout worker per round
     refill: dict[str, float]  # algo/sampling_rounds, algo/filtered_groups
     reward_seconds: float  # grading wall time over all rounds (time/reward)
+    collect_seconds: float = 0.0  # wall time of the whole generate-and-grade phase (all rounds)
 
 
 @dataclass
@@ -214,7 +217,7 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
     run = prepare(cfg, out_dir)
     logger: MetricsLogger | None = None
     try:
-        with actors_for(cfg, run, out_dir, injected) as actors:
+        with actors_for(cfg, run, out_dir, injected) as actors, ExitStack() as stack:
             logger = open_metrics(cfg, out_dir, run)
             state = LoopState.restore(run.saved, run.resume)
             sampler = PromptSampler(len(run.rows), seed=t.seed, state=run.saved.sampler if run.saved else None)
@@ -225,15 +228,19 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
                 evaluate_start(cfg, state, eval_rows, run.tokenizer, actors, logger)
 
             progress = Progress(t.total_steps, "step", initial=state.next_step - 1, bar=False, logger=log)
+            bound = staleness_bound(t)
+            source = stack.enter_context(batch_source(cfg, state.next_step, run, sampler, actors, bound, run.inflight))
             for step in range(state.next_step, t.total_steps + 1):
                 signals.status.step = step
                 times: dict[str, float] = {}
                 step_t0 = time.perf_counter()
 
-                # ---- 1. generate and grade: G completions per prompt (DAPO: keep mixed groups, refill)
-                with timed(times, "rollout"):
-                    groups = collect_groups(cfg, step, run.rows, run.requests, sampler, actors.rollout, actors.reward)
+                # ---- 1. generate and grade: G completions per prompt (DAPO: keep mixed groups, refill);
+                # off-policy modes: take the batch generated while earlier steps trained
+                with timed(times, "rollout" if t.mode == "sync" else "wait_rollout"):
+                    groups = source(step, times)
                 times["time/reward"] = groups.reward_seconds
+                groups, staleness = drop_stale(groups, state.weight_version, bound, step)
 
                 # ---- 2. advantages with the focal weight, on [B, G] ----------------------------------
                 adv, gstats = algo.group_advantages(
@@ -243,21 +250,29 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
                     eps=a.adv_eps,
                     success_threshold=a.success_threshold,
                     correct=groups.correct,
+                    estimator=a.advantage,
+                    std=a.std,
+                    std_scope=a.std_scope,
                 )
 
-                # ---- 3. train ------------------------------------------------------------------------
+                # ---- 3. train: trainer.mini_batches x trainer.epochs optimizer steps -----------------
                 with timed(times, "train"):
-                    tstats = train_phase(
+                    updates = train_phase(
+                        cfg,
                         actors.learners,
                         make_train_batch(groups.groups, adv, pad, a.agg),
                         pad,
+                        step,
+                        times,
                         state.checkpoint,
                         out_dir,
                     )
+                tstats = TrainStats.combine(updates)
                 state.skipped_in_a_row = state.skipped_in_a_row + 1 if tstats.skipped else 0
                 check_diverged(t, step, state)
 
                 # ---- 4. sync weights to every rollout worker, then check them ------------------------
+                source.before_push(step, t.total_steps, times)
                 with timed(times, "sync"):
                     state.weight_version += 1
                     logprob_diff = sync_weights(cfg, actors, state.weight_version, probe)
@@ -267,8 +282,10 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
                 metrics = collect_metrics(
                     cfg, groups, gstats, tstats, times, logprob_diff, state.weight_version, actors
                 )
+                metrics.update(staleness)
                 maybe_evaluate(cfg, step, metrics, state, eval_rows, run.tokenizer, actors, logger)
                 logger.log(step, metrics)
+                logger.log_updates(step, [u.update_row() for u in updates])
                 state.finish_step(step, metrics["reward/mean"])
                 log_step(step, t.total_steps, metrics, progress)
                 log_samples(run.tokenizer, groups.rows, groups.groups, groups.rewards, t.log_samples, step, logger)
@@ -276,11 +293,15 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
                 # ---- 6. checkpoint -------------------------------------------------------------------
                 if checkpoint_due(t, step):
                     signals.set_phase("checkpoint")
+                    # Off-policy modes: wait for the batches in flight and keep them with the checkpoint,
+                    # so a resumed run trains on exactly them (the sampler state then covers them too).
+                    inflight = source.settle() if step < t.total_steps else {}
                     state.checkpoint = save_checkpoint(
                         actors.learners,
                         out_dir,
                         state.driver_state(sampler, logger.run_id, cfg.model.dtype),
                         t.keep_checkpoints,
+                        inflight,
                     )
                     log.info("step %d: checkpoint %s", step, state.checkpoint)
     finally:
@@ -315,6 +336,12 @@ def prepare(cfg: RLConfig, out_dir: Path) -> RunInputs:
     requests = {r.prompt_id: RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r, fmt))) for r in rows}
     log.info("%d training prompts; model %s", len(rows), model_path)
     log_prompt_once(tokenizer, rows[0], requests[rows[0].prompt_id].prompt_token_ids, fmt)
+    inflight: dict[int, StepGroups] = ckpt.load_inflight(resume) if resume else {}  # type: ignore[assignment]
+    if inflight and cfg.trainer.mode == "sync":
+        raise ConfigError(
+            f"invalid config trainer.mode=sync: the run in {out_dir} was checkpointed in an off-policy mode "
+            f"with {len(inflight)} generated batches not yet trained on ({resume}); resume it in the mode it ran in"
+        )
     return RunInputs(
         resume=resume,
         saved=saved,
@@ -323,6 +350,7 @@ def prepare(cfg: RLConfig, out_dir: Path) -> RunInputs:
         rows=rows,
         fmt=fmt,
         requests=requests,
+        inflight=inflight,
     )
 
 
@@ -348,7 +376,14 @@ def actors_for(cfg: RLConfig, run: RunInputs, out_dir: Path, injected: Actors | 
     with ExitStack() as stack:
         if injected is None:
             actors = stack.enter_context(
-                build.start_actors(cfg, run.model_path, run.resume, out_dir, verifiers=verifiers)
+                build.start_actors(
+                    cfg,
+                    run.model_path,
+                    run.resume,
+                    out_dir,
+                    verifiers=verifiers,
+                    weight_version=run.saved.weight_version if run.saved else 0,
+                )
             )
         else:
             actors = injected
@@ -366,6 +401,7 @@ def open_metrics(cfg: RLConfig, out_dir: Path, run: RunInputs) -> MetricsLogger:
     saved = run.saved
     if saved:
         dropped = ckpt.truncate_metrics(out_dir / "metrics.jsonl", saved.step)
+        ckpt.truncate_metrics(out_dir / UPDATES_FILE, saved.step)
         log.info(
             "resuming from %s (step %d, weight version %d); dropped %d metrics rows written after it",
             run.resume,
@@ -423,11 +459,16 @@ def collect_groups(
     sampler: PromptSampler,
     rollout: RolloutGroupLike,
     reward: RewardGroupLike,
+    announce: bool = True,
 ) -> StepGroups:
     """Generate and grade B groups. With dynamic sampling, keep only mixed groups and refill from
     fresh prompts for up to ``algo.max_refill_rounds`` extra rounds; train on what was kept (never
-    crash when too few survive: if none does, the first round's groups are used and it is logged)."""
+    crash when too few survive: if none does, the first round's groups are used and it is logged).
+    ``announce``: name the sub-phases for the stop line (not from the prefetch thread, where the
+    loop's own phase is the one that matters)."""
     a, b = cfg.algo, cfg.trainer.prompts_per_step
+    t_start = time.perf_counter()
+    phase = signals.set_phase if announce else (lambda name: None)
     kept_rows: list[PromptRow] = []
     kept_groups: list[RolloutGroup] = []
     kept_rewards: list[np.ndarray] = []
@@ -443,11 +484,11 @@ def collect_groups(
         idx = sampler.take(want)
         chosen = [rows[i] for i in idx]
         seeds = {r.prompt_id: sample_seed(cfg.trainer.seed, step, r.prompt_id, rounds) for r in chosen}
-        signals.set_phase("generate")
+        phase("generate")
         groups, st = rollout.generate([requests[r.prompt_id] for r in chosen], a.group_size, seeds)
         gen_stats.extend(st)
         t0 = time.perf_counter()
-        signals.set_phase("grade")
+        phase("grade")
         grades = reward.grade(
             [
                 GradeRequest(g.prompt_id, j, c.text, r.answer, r.verifier)
@@ -498,7 +539,111 @@ def collect_groups(
         gen_stats=gen_stats,
         refill={"algo/sampling_rounds": rounds, "algo/filtered_groups": filtered},
         reward_seconds=reward_seconds,
+        collect_seconds=time.perf_counter() - t_start,
     )
+
+
+def staleness_bound(t: TrainerConfig) -> int:
+    """The most versions a trained-on group may lag the learners: 0 in sync, 1 one step off,
+    ``trainer.max_staleness`` in async (also how many batches are generated ahead)."""
+    return {"sync": 0, "one_step_off": 1}.get(t.mode, t.max_staleness)
+
+
+class BatchSource:
+    """Where each step's groups come from: collected on the spot (``trainer.mode=sync``), or taken from
+    a :class:`~rlsys.prefetch.Prefetcher` that generates ``bound`` batches ahead on a background thread.
+
+    Called as ``source(step, times)``; adds ``time/rollout_idle`` (the prefetch thread sat held back
+    by the staleness bound before it started this batch) in the off-policy modes.
+    """
+
+    def __init__(
+        self, collect: Callable[[int], StepGroups], prefetcher: Prefetcher[StepGroups] | None, hold: bool = False
+    ) -> None:
+        self._collect = collect
+        self._prefetcher = prefetcher
+        self._hold = hold
+
+    def __call__(self, step: int, times: dict[str, float]) -> StepGroups:
+        if self._prefetcher is None:
+            return self._collect(step)
+        got = self._prefetcher.take(step)
+        times["time/rollout_idle"] = got.waited_s
+        return got.value
+
+    def before_push(self, step: int, last: int, times: dict[str, float]) -> None:
+        """``one_step_off``: hold step ``step``'s weight push until the next batch is generated, so that
+        batch is entirely the previous weights' samples (``time/push_wait``); the other modes push at once."""
+        if self._prefetcher is None or not self._hold or step >= last:
+            return
+        t0 = time.perf_counter()
+        self._prefetcher.wait(step + 1)
+        times["time/push_wait"] = time.perf_counter() - t0
+
+    def settle(self) -> dict[int, StepGroups]:
+        """The batches generated for later steps and not yet trained on ({} in sync mode)."""
+        return {} if self._prefetcher is None else self._prefetcher.settle()
+
+
+@contextmanager
+def batch_source(
+    cfg: RLConfig,
+    first: int,
+    run: RunInputs,
+    sampler: PromptSampler,
+    actors: Actors,
+    bound: int,
+    inflight: dict[int, StepGroups],
+) -> Iterator[BatchSource]:
+    """The run's :class:`BatchSource` from step ``first`` on; in the off-policy modes its prefetch
+    thread starts now (``inflight``: the batches a checkpoint kept) and is stopped on the way out."""
+    mode = cfg.trainer.mode
+
+    def collect(step: int) -> StepGroups:
+        return collect_groups(
+            cfg, step, run.rows, run.requests, sampler, actors.rollout, actors.reward, announce=mode == "sync"
+        )
+
+    if mode == "sync":
+        yield BatchSource(collect, None)
+        return
+    prefetcher = Prefetcher(collect, first, cfg.trainer.total_steps, ahead=bound, preloaded=inflight)
+    log.info("trainer.mode=%s: generating up to %d batch(es) ahead of training", mode, bound)
+    try:
+        yield BatchSource(collect, prefetcher, hold=mode == "one_step_off")
+    finally:
+        prefetcher.close()
+
+
+def drop_stale(groups: StepGroups, version: int, bound: int, step: int) -> tuple[StepGroups, dict[str, float]]:
+    """Leave out groups sampled more than ``bound`` versions before ``version`` (the learners' now);
+    return the rest and ``rollout/staleness_{mean,max}`` (of the kept groups, in versions) and
+    ``rollout/dropped_stale_groups``. A group's version is the oldest that sampled any of its tokens.
+    Sync mode (``bound`` 0) samples with the learners' own weights: its lags are reported, never acted on."""
+    lag = np.array([version - g.weight_version for g in groups.groups], dtype=np.int64)
+    keep = (lag <= bound) | (bound == 0)
+    dropped = int((~keep).sum())
+    if dropped == len(lag):
+        raise RuntimeError(
+            f"step {step}: every group of the batch was sampled more than {bound} versions ago "
+            f"(lags {sorted(set(lag.tolist()))}); the prefetch bound should make this impossible"
+        )
+    if dropped:
+        log.warning("step %d: %d group(s) older than %d versions left out (counted)", step, dropped, bound)
+        idx = np.flatnonzero(keep)
+        groups = dataclasses.replace(
+            groups,
+            rows=[groups.rows[i] for i in idx],
+            groups=[groups.groups[i] for i in idx],
+            rewards=groups.rewards[torch.from_numpy(idx)],
+            correct=groups.correct[torch.from_numpy(idx)],
+        )
+    kept = lag[keep]
+    return groups, {
+        "rollout/staleness_mean": float(kept.mean()),
+        "rollout/staleness_max": int(kept.max()),
+        "rollout/dropped_stale_groups": dropped,
+    }
 
 
 def make_train_batch(groups: list[RolloutGroup], advantages: torch.Tensor, pad_token_id: int, agg: str) -> TrainBatch:
@@ -518,13 +663,40 @@ def make_train_batch(groups: list[RolloutGroup], advantages: torch.Tensor, pad_t
 
 
 def train_phase(
-    learners: LearnerGroupLike, batch: TrainBatch, pad_token_id: int, checkpoint: str, out_dir: Path
-) -> TrainStats:
-    """One optimizer step on ``batch``, split over the ranks. A learner failure ends the run with
-    the way to continue it (``checkpoint``: the last good one, "" for none yet)."""
-    parts = learners.shard(batch, pad_token_id)
+    cfg: RLConfig,
+    learners: LearnerGroupLike,
+    batch: TrainBatch,
+    pad: int,
+    step: int,
+    times: dict[str, float],
+    checkpoint: str,
+    out_dir: Path,
+) -> list[TrainStats]:
+    """``trainer.mini_batches x trainer.epochs`` optimizer steps on ``batch``, each split over the ranks;
+    the stats of each, in order.
+
+    One step (the default): pi_old is the step's own forward (ratio exactly 1, no extra pass). More:
+    pi_old is computed once, before the first update (``time/pi_old``), and every epoch deals the
+    batch's groups, in an order seeded by (trainer.seed, step, epoch), into mini-batches that each
+    carry their own loss normalizer (:func:`rlsys.workers.batching.split_mini_batches`). A learner
+    failure ends the run with the way to continue it (``checkpoint``: the last good one, "" for none).
+    """
+    from rlsys.workers.batching import split_mini_batches
+
+    t, a = cfg.trainer, cfg.algo
     try:
-        return learners.train_step(parts)
+        if t.mini_batches * t.epochs == 1:
+            return [learners.train_step(learners.shard(batch, pad))]
+        t0 = time.perf_counter()
+        batch = dataclasses.replace(batch, old_logprobs=np.asarray(learners.compute_logprobs(batch, pad)))
+        times["time/pi_old"] = time.perf_counter() - t0
+        updates = []
+        num_groups = batch.num_rows // a.group_size
+        for epoch in range(t.epochs):
+            order = np.random.default_rng([t.seed, step, epoch]).permutation(num_groups)
+            for mini in split_mini_batches(batch, a.group_size, t.mini_batches, a.agg, order):
+                updates.append(learners.train_step(learners.shard(mini, pad)))
+        return updates
     except LearnerError as e:
         raise RuntimeError(
             f"{e}\nThe learner group cannot continue this run. Last good checkpoint: "
@@ -627,12 +799,21 @@ def checkpoint_due(t: TrainerConfig, step: int) -> bool:
     return bool(t.save_every and step % t.save_every == 0) or step == t.total_steps
 
 
-def save_checkpoint(learners: LearnerGroupLike, out_dir: Path, state: ckpt.DriverState, keep: int) -> str:
-    """checkpoints/step_NNNNNN: HF weights + learner state + driver state, renamed into place only
-    when complete (rlsys.checkpoint); the newest ``keep`` are kept."""
+def save_checkpoint(
+    learners: LearnerGroupLike,
+    out_dir: Path,
+    state: ckpt.DriverState,
+    keep: int,
+    inflight: dict[int, StepGroups] | None = None,
+) -> str:
+    """checkpoints/step_NNNNNN: HF weights + learner state + driver state (+ the off-policy modes'
+    batches in flight), renamed into place only when complete (rlsys.checkpoint); the newest ``keep``
+    are kept."""
     tmp = ckpt.begin(out_dir, state.step)
     learners.save_hf(str(tmp))
     learners.save_state(str(tmp / ckpt.LEARNER_STATE_DIR))
+    if inflight:
+        ckpt.save_inflight(tmp, dict(inflight))
     return str(ckpt.commit(tmp, state, keep))
 
 
@@ -674,7 +855,7 @@ def collect_metrics(
         tstats,
         groups.gen_stats,
         groups.groups,
-        times,
+        {**times, **_generation_seconds(groups, times)},
         groups.refill,
         logprob_diff,
         version,
@@ -731,6 +912,12 @@ def step_metrics(
     m.update(times)
     m["time/rollout"] = m["time/rollout"] - times.get("time/reward", 0.0)  # generation only
     return m
+
+
+def _generation_seconds(groups: StepGroups, times: dict[str, float]) -> dict[str, float]:
+    """``time/rollout`` (before grading is subtracted): the loop's own rollout phase in sync mode; in the
+    off-policy modes, where the loop only waits (``time/wait_rollout``), the prefetch thread's phase."""
+    return {} if "time/rollout" in times else {"time/rollout": groups.collect_seconds}
 
 
 def log_step(step: int, total: int, m: dict[str, float], progress: Progress | None = None) -> None:

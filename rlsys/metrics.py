@@ -16,6 +16,9 @@ from typing import Any, Literal, cast
 log = logging.getLogger("rlsys.metrics")
 
 
+UPDATES_FILE = "updates.jsonl"  # one row per optimizer step when a rollout batch takes several
+
+
 class MetricsLogger:
     """Append-only metrics sink. ``log(step, metrics)`` writes one line and forwards to W&B."""
 
@@ -66,6 +69,25 @@ class MetricsLogger:
         self._fh.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(step))
+
+    def log_updates(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """``updates.jsonl``: one row per optimizer step of ``step`` (PPO mini-batches and epochs), so the
+        clip fraction and ratio extremes of each update can be read; nothing when the step took one."""
+        if len(rows) < 2:
+            return
+        with open(self.dir / UPDATES_FILE, "a", encoding="utf-8") as fh:
+            for k, r in enumerate(rows):
+                row = {"step": int(step), "update": k, **r}
+                fh.write(
+                    json.dumps(
+                        {
+                            key: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                            for key, v in row.items()
+                        },
+                        sort_keys=True,
+                    )
+                    + "\n"
+                )
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """Decoded samples etc. go to W&B as a table (and nowhere else: the log prints them)."""

@@ -9,7 +9,9 @@ P prompt tokens, L = P + T padded sequence length. ``response_mask`` is True whe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -116,11 +118,15 @@ class TrainBatch:
     advantages: np.ndarray  # [N] float32, focal-weighted group advantages
     rollout_logprobs: np.ndarray  # [N, L] float32, the rollout engine's logprobs (0 off-response)
     loss_normalizer: float  # shared by every micro-batch and rank so the pieces sum to the full loss
+    # [N, L] float32, log pi_old (0 off-response): the policy before this rollout batch's first
+    # update, computed once when several optimizer steps share the batch. None: pi_old is each
+    # micro-batch's own forward pass, detached (one step per batch; the PPO ratio is exactly 1).
+    old_logprobs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n, length = self.input_ids.shape
-        for name in ("attention_mask", "response_mask", "rollout_logprobs"):
-            if getattr(self, name).shape != (n, length):
+        for name in ("attention_mask", "response_mask", "rollout_logprobs", "old_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name).shape != (n, length):
                 raise ValueError(f"TrainBatch.{name} has shape {getattr(self, name).shape}, expected {(n, length)}")
         if self.advantages.shape != (n,):
             raise ValueError(f"TrainBatch.advantages has shape {self.advantages.shape}, expected {(n,)}")
@@ -164,6 +170,73 @@ class TrainStats:
     num_micro_batches: int | None = None  # per rank (every rank runs the same number)
     applied_steps: int | None = None  # optimizer steps applied so far, this one included unless skipped
     old_logprob_seconds: float | None = None  # wall-clock of the no-grad passes before the update (pi_ref)
+    num_updates: int = 1  # optimizer steps these stats cover (trainer.mini_batches * trainer.epochs)
+
+    @staticmethod
+    def combine(updates: Sequence[TrainStats]) -> TrainStats:
+        """One step's stats from its PPO updates (in order): token-weighted means of the per-token
+        metrics, ``loss`` and ``grad_norm`` averaged over updates, ratio extremes over all, counts and
+        seconds summed, ``lr`` and ``applied_steps`` of the last, ``skipped`` if any update was. One
+        update is returned as it is."""
+        if not updates:
+            raise ValueError("TrainStats.combine: no updates")
+        if len(updates) == 1:
+            return updates[0]
+        tok = [u.num_tokens for u in updates]
+        total = sum(tok)
+
+        def tw(values: Sequence[float]) -> float:  # token-weighted mean over the updates
+            return sum(v * n for v, n in zip(values, tok)) / total if total else values[-1]
+
+        def tw_opt(name: str) -> float | None:  # None if any update did not compute it
+            values = [getattr(u, name) for u in updates]
+            return None if any(v is None for v in values) else tw(values)
+
+        def sum_opt(name: str) -> Any:
+            values = [getattr(u, name) for u in updates]
+            return None if any(v is None for v in values) else sum(values)
+
+        mins = [u.ratio_min for u in updates if u.ratio_min is not None]
+        last = updates[-1]
+        return TrainStats(
+            loss=sum(u.loss for u in updates) / len(updates),
+            pg_loss=tw([u.pg_loss for u in updates]),
+            clip_fraction=tw([u.clip_fraction for u in updates]),
+            approx_kl=tw([u.approx_kl for u in updates]),
+            entropy=tw([u.entropy for u in updates]),
+            grad_norm=sum(u.grad_norm for u in updates) / len(updates),
+            lr=last.lr,
+            num_tokens=total,
+            rollout_logprob_diff=tw([u.rollout_logprob_diff for u in updates]),
+            ratio_max=max(u.ratio_max for u in updates),
+            skipped=any(u.skipped for u in updates),
+            seconds=sum(u.seconds for u in updates),
+            ratio_mean=tw_opt("ratio_mean"),
+            ratio_min=min(mins) if len(mins) == len(updates) else None,
+            kl=tw_opt("kl"),
+            tis_weight_mean=tw_opt("tis_weight_mean"),
+            tis_clip_fraction=tw_opt("tis_clip_fraction"),
+            num_sequences=sum_opt("num_sequences"),
+            num_micro_batches=sum_opt("num_micro_batches"),
+            applied_steps=last.applied_steps,
+            old_logprob_seconds=sum_opt("old_logprob_seconds"),
+            num_updates=sum(u.num_updates for u in updates),
+        )
+
+    def update_row(self) -> dict[str, float]:
+        """This update's row of ``updates.jsonl`` (rlsys.metrics.MetricsLogger.log_updates)."""
+        return {
+            "loss": self.loss,
+            "clip_fraction": self.clip_fraction,
+            "ratio_min": self.ratio_min if self.ratio_min is not None else float("nan"),
+            "ratio_mean": self.ratio_mean if self.ratio_mean is not None else float("nan"),
+            "ratio_max": self.ratio_max,
+            "approx_kl": self.approx_kl,
+            "grad_norm": self.grad_norm,
+            "lr": self.lr,
+            "tokens": self.num_tokens,
+            "skipped": int(self.skipped),
+        }
 
     def metrics(self) -> dict[str, float]:
         """The ``train/*`` metrics the driver logs for this step (docs/metrics.md lists each key).
@@ -183,7 +256,10 @@ class TrainStats:
             "train/rollout_logprob_diff": self.rollout_logprob_diff,
             "train/tokens": self.num_tokens,
             "train/skipped": int(self.skipped),
+            "train/updates": self.num_updates,
         }
+        if self.ratio_min is not None:
+            m["train/ratio_min"] = self.ratio_min
         for name in ("tis_weight_mean", "tis_clip_fraction", "kl"):
             value = getattr(self, name)
             if value is not None:

@@ -111,10 +111,10 @@ def rlsys_step_seconds(
         for k in range(warmup + steps):
             t0 = time.perf_counter()
             parts = group.shard(batch, pad_id)
-            olds = None
             if separate_pi_old:  # what train_step did by itself before pi_old was fused
                 olds = ray.get([a.compute_logprobs.remote(p) for a, p in zip(group.actors, parts)])
-            group.train_step(parts, olds)
+                parts = [dataclasses.replace(p, old_logprobs=o) for p, o in zip(parts, olds)]
+            group.train_step(parts)
             if k >= warmup:
                 times.append(time.perf_counter() - t0)
         info = group.ready_info

@@ -208,6 +208,9 @@ def group_advantages(
     eps: float = 1e-6,
     success_threshold: Number | None = None,
     correct: torch.Tensor | None = None,
+    estimator: str = "grpo",
+    std: str = "population",
+    std_scope: str = "group",
 ) -> tuple[torch.Tensor, GroupStats]:
     """F-GRPO advantages ``A_i^F = g(x) * A_i`` for a batch of groups (paper-notes Sec. 1).
 
@@ -215,6 +218,19 @@ def group_advantages(
     GRPO) or ``A_i = R_i - mean_j R_j`` (``std_normalize=False``, Dr.GRPO). The focal weight
     ``g = (1 - mu_hat) ** gamma`` of each group multiplies its advantages after the normalisation;
     there is no renormalisation of ``g`` across the batch. ``gamma = 0`` is exactly GRPO.
+
+    The peers' estimators (``estimator``), each times the same focal weight:
+
+    * ``"rloo"`` (Ahmadian et al. 2024): ``A_i = R_i - mean_{j != i} R_j = G / (G - 1) * (R_i - mean)``,
+      the leave-one-out baseline; no std (``std_normalize`` must be False).
+    * ``"maxrl"``: ``A_i = (R_i - mean) / mean``, an online difficulty weighting: a group the policy
+      rarely solves (small mean) weighs more, the direction the focal weight also takes. Needs
+      rewards >= 0 (success rewards); ``std_normalize`` must be False.
+
+    GRPO's std (``std_normalize``): ``std="population"`` (correction 0, rlsys's default) or
+    ``"sample"`` (Bessel, correction 1, as verl and TRL; advantages are ``sqrt((G-1)/G)`` times
+    the population ones); ``std_scope="group"`` (each group's own) or ``"batch"`` (one std over all
+    ``B * G`` rewards, TRL's ``scale_rewards="batch"``; the mean stays the group's).
 
     Args:
         rewards: float ``[B, G]``; row b holds the G rollouts' rewards of prompt b.
@@ -238,14 +254,37 @@ def group_advantages(
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
+    if estimator not in ("grpo", "rloo", "maxrl"):
+        raise ValueError(f"estimator must be 'grpo', 'rloo' or 'maxrl', got {estimator!r}")
+    if std not in ("population", "sample"):
+        raise ValueError(f"std must be 'population' or 'sample', got {std!r}")
+    if std_scope not in ("group", "batch"):
+        raise ValueError(f"std_scope must be 'group' or 'batch', got {std_scope!r}")
+    if estimator != "grpo" and std_normalize:
+        raise ValueError(f"estimator={estimator!r} does not divide by a std; pass std_normalize=False")
+    if estimator == "maxrl" and bool((rewards < 0).any()):
+        raise ValueError(
+            "estimator='maxrl' divides by the group's mean reward and needs rewards >= 0 (success rewards)"
+        )
+
+    G = rewards.shape[1]
     mean = rewards.mean(dim=-1, keepdim=True)
     centred = rewards - mean
     # A group is degenerate ("not learnable") when all its rewards are equal: compare with the first
     # element instead of testing std == 0, because the float mean of equal values can be off by an ulp.
     learnable = (rewards != rewards[:, :1]).any(dim=-1)
-    if std_normalize:
-        std = rewards.std(dim=-1, correction=0, keepdim=True)  # population std (documented choice)
-        denom = torch.where(learnable.unsqueeze(-1), std + eps, torch.ones_like(std))
+    if estimator == "rloo":
+        base = centred * (G / (G - 1))  # R_i - (sum_j R_j - R_i) / (G - 1)
+    elif estimator == "maxrl":
+        # A learnable group of rewards >= 0 has mean > 0; the others are zeroed below.
+        base = centred / torch.where(learnable.unsqueeze(-1), mean, torch.ones_like(mean))
+    elif std_normalize:
+        correction = 0 if std == "population" else 1
+        if std_scope == "group":
+            sd = rewards.std(dim=-1, correction=correction, keepdim=True)
+        else:
+            sd = rewards.std(correction=correction).expand(rewards.shape[0], 1)
+        denom = torch.where(learnable.unsqueeze(-1), sd + eps, torch.ones_like(sd))
         base = centred / denom
     else:
         base = centred

@@ -101,6 +101,8 @@ def policy_loss(
     token_sum_constant: Number | None = None,
     rollout_logprobs: torch.Tensor | None = None,
     tis_cap: Number | None = None,
+    tis_mode: str = "truncate",
+    dual_clip: Number | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss to MINIMISE, plus detached metrics (paper-notes Sec. 2).
 
@@ -119,6 +121,14 @@ def policy_loss(
     token's policy-gradient term is multiplied by the constant ``w = min(exp(old_logprobs -
     rollout_logprobs), tis_cap)``, correcting the engine/learner mismatch with a bounded weight. The
     KL and entropy terms are not weighted. Off (``tis_cap=None``) the loss is exactly as above.
+    The same weight corrects staleness when the samples came from an older policy (the off-policy
+    trainer modes): the rollout log-probs are then the behaviour policy's. ``tis_mode="mask"``
+    (masked IS) instead drops the policy-gradient term of every token whose weight exceeds the cap
+    (weight 0) and keeps ``w`` elsewhere.
+
+    Dual clip (``dual_clip = c > 1``, Ye et al. 2020, as in verl): for a negative advantage the PPO
+    term ``max(-r A, -clip(r) A)`` grows without bound as ``r`` grows; it is capped at ``-c A``, so a
+    token far off-policy cannot dominate the batch. Positive advantages are unchanged; grpo/dapo only.
 
     Aggregation (``agg``), each "sum of per-row terms / normalizer":
 
@@ -147,6 +157,8 @@ def policy_loss(
         rollout_logprobs: ``[N, T]`` the sampler's log-probs of the same tokens (detached), required
             when ``tis_cap`` is set.
         tis_cap: truncation C >= 1 of the importance weight pi_old / pi_rollout; None = off.
+        tis_mode: ``"truncate"`` (``min(w, C)``) or ``"mask"`` (``w``, and 0 where ``w > C``).
+        dual_clip: the constant ``c > 1`` of the dual clip for negative advantages; None = off.
 
     Masked positions never contribute value or gradient, even if they hold inf/NaN-prone values
     (they are replaced by neutral values before any exp/log).
@@ -218,6 +230,20 @@ def policy_loss(
             raise ValueError(f"tis_cap must be a finite number >= 1 (or None for off), got {tis_cap!r}")
         if rollout_logprobs is None:
             raise ValueError("tis_cap needs rollout_logprobs=[N, T], the sampler's log-probs (or set tis_cap=None)")
+    if tis_mode not in ("truncate", "mask"):
+        raise ValueError(f"tis_mode must be 'truncate' or 'mask', got {tis_mode!r}")
+    if dual_clip is not None:
+        if (
+            isinstance(dual_clip, bool)
+            or not isinstance(dual_clip, (int, float))
+            or not math.isfinite(float(dual_clip))
+            or dual_clip <= 1
+        ):
+            raise ValueError(
+                f"dual_clip must be a finite number > 1 (3.0 is usual), or None for off, got {dual_clip!r}"
+            )
+        if loss_type == "cispo":
+            raise ValueError("dual_clip applies to the PPO ratio terms of grpo/dapo, not to cispo")
     if rollout_logprobs is not None:
         rollout_logprobs = _check_float_tensor("rollout_logprobs", rollout_logprobs, shape).detach()
     if agg == "seq_mean_token_sum_norm":
@@ -251,6 +277,11 @@ def policy_loss(
         surr_clipped = clipped_ratio * advantages
         pg = -torch.minimum(surr_unclipped, surr_clipped)  # PPO pessimistic bound (paper-notes Sec. 2)
         clip_active = surr_clipped < surr_unclipped
+        if dual_clip is not None:
+            cap = -float(dual_clip) * advantages  # > 0 where A < 0
+            dual = (advantages < 0) & (pg > cap)
+            pg = torch.where(dual, cap.expand_as(pg), pg)  # a constant there: no gradient, like a clip
+            clip_active = clip_active | dual
     else:
         # CISPO: the clipped IS weight is a constant (stop-gradient); the gradient is REINFORCE's
         # grad log pi scaled by that weight, so every token keeps a gradient (paper-notes Sec. 2).
@@ -263,7 +294,10 @@ def policy_loss(
         # A constant per token (old and rollout log-probs carry no gradient); masked positions get 1.
         tis_w = torch.exp(torch.where(mask, old_logprobs - rollout_logprobs, zero))
         tis_clipped = tis_w > float(tis_cap)
-        tis_w = torch.clamp(tis_w, max=float(tis_cap))
+        if tis_mode == "truncate":
+            tis_w = torch.clamp(tis_w, max=float(tis_cap))
+        else:
+            tis_w = torch.where(tis_clipped, zero, tis_w)
         pg = pg * tis_w
     pg = torch.where(mask, pg, zero)
     per_token = pg

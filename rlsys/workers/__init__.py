@@ -93,9 +93,7 @@ class LearnerGroupLike(Protocol):
         """The global batch split into one part per rank."""
         ...
 
-    def train_step(
-        self, global_batch_parts: list[TrainBatch], old_logprobs: list[np.ndarray] | None = None
-    ) -> TrainStats:
+    def train_step(self, global_batch_parts: list[TrainBatch]) -> TrainStats:
         """One optimizer step over the global batch (one part per rank); the global stats."""
         ...
 

@@ -36,6 +36,7 @@ __all__ = [
     "num_micro_batches",
     "plan_shards",
     "shard_train_batch",
+    "split_mini_batches",
     "take_rows",
     "trim_padding",
 ]
@@ -143,6 +144,7 @@ def take_rows(batch: TrainBatch, indices: Sequence[int] | np.ndarray, pad_token_
     response_mask = batch.response_mask[safe].copy()
     advantages = batch.advantages[safe].astype(np.float32, copy=True)
     rollout_logprobs = batch.rollout_logprobs[safe].astype(np.float32, copy=True)
+    old = None if batch.old_logprobs is None else batch.old_logprobs[safe].astype(np.float32, copy=True)
     dummy = ~real
     if dummy.any():
         input_ids[dummy] = pad_token_id
@@ -151,6 +153,8 @@ def take_rows(batch: TrainBatch, indices: Sequence[int] | np.ndarray, pad_token_
         response_mask[dummy] = False
         advantages[dummy] = 0.0
         rollout_logprobs[dummy] = 0.0
+        if old is not None:
+            old[dummy] = 0.0
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -158,6 +162,7 @@ def take_rows(batch: TrainBatch, indices: Sequence[int] | np.ndarray, pad_token_
         advantages=advantages,
         rollout_logprobs=rollout_logprobs,
         loss_normalizer=batch.loss_normalizer,
+        old_logprobs=old,
     )
 
 
@@ -234,6 +239,7 @@ def trim_padding(batch: TrainBatch) -> TrainBatch:
         advantages=batch.advantages,
         rollout_logprobs=batch.rollout_logprobs[:, :keep],
         loss_normalizer=batch.loss_normalizer,
+        old_logprobs=None if batch.old_logprobs is None else batch.old_logprobs[:, :keep],
     )
 
 
@@ -255,6 +261,7 @@ def iter_micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[tup
             advantages=batch.advantages[rows],
             rollout_logprobs=batch.rollout_logprobs[rows],
             loss_normalizer=batch.loss_normalizer,
+            old_logprobs=None if batch.old_logprobs is None else batch.old_logprobs[rows],
         )
         yield rows, trim_padding(mb)
 
@@ -266,6 +273,9 @@ def concat_train_batches(batches: Sequence[TrainBatch], pad_token_id: int = 0) -
     norms = {b.loss_normalizer for b in batches}
     if len(norms) != 1:
         raise ValueError(f"concat_train_batches: batches carry different loss_normalizers {sorted(norms)}")
+    olds = [b.old_logprobs for b in batches if b.old_logprobs is not None]
+    if olds and len(olds) != len(batches):
+        raise ValueError("concat_train_batches: some batches carry old_logprobs and some do not")
     length = max(b.input_ids.shape[1] for b in batches)
 
     def pad(a: np.ndarray, value: float) -> np.ndarray:
@@ -279,4 +289,46 @@ def concat_train_batches(batches: Sequence[TrainBatch], pad_token_id: int = 0) -
         advantages=np.concatenate([b.advantages for b in batches]).astype(np.float32),
         rollout_logprobs=np.concatenate([pad(b.rollout_logprobs, 0.0) for b in batches]).astype(np.float32),
         loss_normalizer=batches[0].loss_normalizer,
+        old_logprobs=(
+            np.concatenate([pad(o, 0.0) for o in olds]).astype(np.float32) if len(olds) == len(batches) else None
+        ),
     )
+
+
+def split_mini_batches(
+    batch: TrainBatch, group_size: int, num_mini_batches: int, agg: str, order: Sequence[int] | np.ndarray | None = None
+) -> list[TrainBatch]:
+    """PPO mini-batches of a step's batch: its groups split into ``min(num_mini_batches, groups)`` parts.
+
+    ``batch`` holds whole groups in group-major order (``group_size`` consecutive rows each, as the
+    driver builds it). Groups are taken in ``order`` (a permutation of the group indices; default:
+    as they are) and dealt out in contiguous, nearly equal runs (sizes differ by at most one group).
+    Each part carries its OWN loss normalizer (``agg`` over its rows), so the exact micro-batch and
+    rank invariance of :func:`shard_train_batch` holds within every mini-batch; ``old_logprobs``
+    travel with their rows.
+    """
+    if group_size < 1 or batch.num_rows % group_size:
+        raise ValueError(f"split_mini_batches: {batch.num_rows} rows are not whole groups of {group_size}")
+    if num_mini_batches < 1:
+        raise ValueError(f"split_mini_batches: num_mini_batches must be >= 1, got {num_mini_batches}")
+    groups = batch.num_rows // group_size
+    perm = np.arange(groups) if order is None else np.asarray(order, dtype=np.int64).reshape(-1)
+    if sorted(perm.tolist()) != list(range(groups)):
+        raise ValueError(f"split_mini_batches: order must be a permutation of the {groups} group indices")
+    parts = []
+    for chunk in np.array_split(perm, min(num_mini_batches, groups)):
+        rows = (chunk[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
+        part = take_rows(batch, rows)
+        norm = loss_normalizer_for(agg, part.response_mask)
+        parts.append(
+            TrainBatch(
+                input_ids=part.input_ids,
+                attention_mask=part.attention_mask,
+                response_mask=part.response_mask,
+                advantages=part.advantages,
+                rollout_logprobs=part.rollout_logprobs,
+                loss_normalizer=norm,
+                old_logprobs=part.old_logprobs,
+            )
+        )
+    return parts

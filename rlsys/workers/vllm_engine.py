@@ -54,6 +54,9 @@ class RolloutSpec:
     # "llm": vLLM's offline LLM, one blocking generate at a time (RolloutEngine); "async": AsyncLLM,
     # requests in flight across weight updates (AsyncRolloutEngine; torchdist transport only).
     engine: str = "llm"
+    # The weight version ``model_path`` holds: 0 for the starting policy, a checkpoint's own when a run
+    # resumes from it (every completion is labelled with the version that sampled it).
+    initial_version: int = 0
 
 
 def cpu_bind(tp: int, threads: int, cores: list[int], offset: int = 0) -> str:
@@ -257,7 +260,7 @@ class RolloutEngine:
 
         self.spec = spec
         self.worker_id = worker_id
-        self.weight_version = 0
+        self.weight_version = spec.initial_version
         # Set when a weight transfer failed part-way: vLLM's layerwise reload has then moved layers off
         # the model and nothing restores them, so the engine must not sample again (the pool replaces it).
         self.broken: str | None = None
@@ -415,7 +418,7 @@ class AsyncRolloutEngine:
 
         self.spec = spec
         self.worker_id = worker_id
-        self.weight_version = 0  # the latest version received (in-flight requests may hold older tokens)
+        self.weight_version = spec.initial_version  # the latest received (in-flight requests may hold older tokens)
         self.broken: str | None = None
         self._requests = 0
         self._update_lock = asyncio.Lock()

@@ -168,3 +168,30 @@ def test_learner_spec_validation_and_warmup() -> None:
             LearnerSpec(model_path="m", **bad).validate()
     assert [_lr_factor(4, k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert _lr_factor(0, 0) == 1.0
+
+
+def test_split_mini_batches_deals_whole_groups_with_their_own_normalizers():
+    import dataclasses
+
+    from rlsys.workers.batching import build_train_batch, loss_normalizer_for, split_mini_batches
+
+    g, groups = 2, 5
+    prompts = [[1, 2]] * (g * groups)
+    responses = [[3] * (1 + i) for i in range(g * groups)]  # row i has i + 1 response tokens
+    lps = [[-0.1] * len(r) for r in responses]
+    b = build_train_batch(prompts, responses, lps, list(range(g * groups)), pad_token_id=0, loss_normalizer=1.0)
+    old = np.where(b.response_mask, -2.0, 0.0).astype(np.float32)
+    b = dataclasses.replace(b, old_logprobs=old)
+    parts = split_mini_batches(b, g, 2, "token_mean", order=[4, 0, 3, 1, 2])
+    # 5 groups into 2: 3 + 2 groups, in the given order, rows of a group together
+    assert [p.advantages.tolist() for p in parts] == [[8, 9, 0, 1, 6, 7], [2, 3, 4, 5]]
+    for p in parts:
+        assert p.loss_normalizer == loss_normalizer_for("token_mean", p.response_mask) == p.response_mask.sum()
+        assert p.old_logprobs is not None and (p.old_logprobs[p.response_mask] == -2.0).all()
+    seq = split_mini_batches(b, g, 3, "seq_mean_token_mean")
+    assert [p.num_rows for p in seq] == [4, 4, 2] and [p.loss_normalizer for p in seq] == [4, 4, 2]
+    assert len(split_mini_batches(b, g, 9, "token_mean")) == 5  # never more parts than groups
+    with pytest.raises(ValueError, match="whole groups"):
+        split_mini_batches(b, 3, 2, "token_mean")
+    with pytest.raises(ValueError, match="permutation"):
+        split_mini_batches(b, g, 2, "token_mean", order=[0, 0, 1, 2, 3])

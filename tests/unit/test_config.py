@@ -33,6 +33,10 @@ def test_default_is_f_grpo_with_paper_gamma():
         ("f_dapo", "dapo", 0.5, True),
         ("cispo", "cispo", 0.0, False),
         ("f_cispo", "cispo", 0.5, False),
+        ("rloo", "grpo", 0.0, False),
+        ("f_rloo", "grpo", 0.5, False),
+        ("maxrl", "grpo", 0.0, False),
+        ("f_maxrl", "grpo", 0.5, False),
     ],
 )
 def test_algo_groups(algo, loss, gamma, dyn):
@@ -62,6 +66,16 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("model.path=/does/not/exist", "model.path"),
         ("trainer.total_steps=0", "trainer.total_steps"),
         ("sync.max_logprob_diff=0", "sync.max_logprob_diff"),
+        ("trainer.mini_batches=0", "trainer.mini_batches"),
+        ("trainer.mini_batches=64", "trainer.mini_batches"),  # more than prompts_per_step (32)
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("trainer.mode=overlap", "trainer.mode"),
+        ("trainer.max_staleness=0", "trainer.max_staleness"),
+        ("algo.is_correction=clip", "algo.is_correction"),
+        ("algo.dual_clip=1.0", "algo.dual_clip"),
+        ("algo.std=bessel", "algo.std"),
+        ("algo.std_scope=global", "algo.std_scope"),
+        ("algo.advantage=rloo", "algo.advantage"),  # without its group (algo=rloo)
     ],
 )
 def test_invalid_values_name_the_key(override, key):
@@ -80,6 +94,37 @@ def test_impossible_combinations():
     with pytest.raises(ConfigError, match=r"learner\.num_workers"):
         validate(make("learner.num_workers=8"), available_cpus=4)
     validate(make("learner.num_workers=2"), available_cpus=4)
+
+
+def test_objective_combinations():
+    assert make("algo=rloo").algo.advantage == "rloo"
+    with pytest.raises(ConfigError, match=r"algo\.std_normalize"):
+        validate(make("algo=maxrl", "algo.std_normalize=true"))
+    with pytest.raises(ConfigError, match=r"algo\.dual_clip.*cispo"):
+        validate(make("algo=cispo", "algo.dual_clip=3.0"))
+    validate(make("algo=f_dapo", "algo.dual_clip=3.0", "algo.std=sample", "algo.std_scope=batch"))
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ((), ("off", None)),
+        (("algo.tis_cap=3.0",), ("truncate", 3.0)),
+        (("trainer.mode=one_step_off",), ("truncate", 2.0)),
+        (("trainer.mode=async", "algo.is_correction=mask"), ("mask", 2.0)),
+        (("trainer.mode=async", "algo.is_correction=off"), ("off", None)),
+        (("algo.is_correction=truncate", "algo.tis_cap=1.5"), ("truncate", 1.5)),
+    ],
+)
+def test_importance_correction_is_on_by_default_off_policy(overrides, expected):
+    from rlsys.build import learner_spec
+    from rlsys.config import importance_correction
+
+    cfg = make(*overrides)
+    validate(cfg)
+    assert importance_correction(cfg) == expected
+    spec = learner_spec(cfg, "/m")
+    assert (spec.tis_cap, spec.tis_mode) == (expected[1], "mask" if expected[0] == "mask" else "truncate")
 
 
 def test_model_path_must_be_a_causal_lm_with_weights(tmp_path):

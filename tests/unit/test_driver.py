@@ -65,14 +65,16 @@ class FakeRollout:
     num_workers = 1
     restarts = 0
 
-    def __init__(self, events: list, answer=mixed_every_other):
-        self.events, self.answer, self.version = events, answer, 0
+    def __init__(self, events: list, answer=mixed_every_other, version: int = 0):
+        self.events, self.answer, self.version = events, answer, version
         self.generated: list[list[str]] = []
+        self.versions: list[int] = []  # the version each generate call sampled with
 
     def generate(self, requests, group_size, seeds):
         assert set(seeds) == {r.prompt_id for r in requests}
         self.events.append("generate")
         self.generated.append([r.prompt_id for r in requests])
+        self.versions.append(self.version)
         groups = []
         for r in requests:
             comps = tuple(
@@ -154,7 +156,7 @@ class FakeLearners:
         self.batches.append(batch)
         return [batch]
 
-    def train_step(self, global_batch_parts, old_logprobs=None):
+    def train_step(self, global_batch_parts):
         self.events.append("train_step")
         self.steps += 1
         if self.steps == self.fail_at:
@@ -203,15 +205,20 @@ def events(monkeypatch) -> list:
     return ev
 
 
-def fakes(events: list, **learner_kw) -> Actors:
-    return Actors(rollout=FakeRollout(events), reward=FakeReward(events), learners=FakeLearners(events, **learner_kw))
+def fakes(events: list, version: int = 0, **learner_kw) -> Actors:
+    """``version``: the weight version the rollout fake holds (a resumed run's actors hold the checkpoint's)."""
+    return Actors(
+        rollout=FakeRollout(events, version=version),
+        reward=FakeReward(events),
+        learners=FakeLearners(events, **learner_kw),
+    )
 
 
 def make_cfg(tmp_path: Path, **sections) -> RLConfig:
     """A small config: the countdown task, B = 2, G = 2, no evaluation, a checkpoint every step.
     ``sections``: ``trainer={"total_steps": 4}`` etc. override fields of that section."""
     model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
+    model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
     (model / "model.safetensors").write_bytes(b"")  # never read: the fakes have no weights
     cfg = RLConfig()
@@ -378,7 +385,7 @@ def test_checkpoint_cadence_rotation_and_resume(tmp_path, events):
     resumed = make_cfg(
         tmp_path, trainer={"total_steps": 7, "save_every": 2, "keep_checkpoints": 2}, run={"resume": "auto"}
     )
-    summary = driver.train(resumed, fakes(events))
+    summary = driver.train(resumed, fakes(events, version=5))
     assert events[0] == "generate" and phases(events).count("train") == 2
     rows = metric_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
@@ -474,3 +481,122 @@ def test_every_emitted_metric_key_is_documented(tmp_path, events):
         isinstance(v, (int, float)) and math.isfinite(v) for k, v in rows[1].items() if not k.startswith("cpu/")
     ), rows[1]
     assert set(summary.eval_before) == set(summary.eval_after) == {1, 2}
+
+
+# ================================ PPO mini-batches and the off-policy modes ===========================
+
+
+def test_mini_batches_compute_pi_old_once_and_split_whole_groups(tmp_path, events):
+    cfg = make_cfg(tmp_path, trainer={"total_steps": 1, "prompts_per_step": 4, "mini_batches": 2, "epochs": 2})
+    actors = fakes(events)
+    driver.train(cfg, actors)
+    step_events = events[: events.index("export_weights")]
+    # pi_old once, before the first of the 2 x 2 updates
+    assert [e for e in step_events if e in ("compute_logprobs", "train_step")] == ["compute_logprobs"] + [
+        "train_step"
+    ] * 4
+    minis = actors.learners.batches
+    assert [b.num_rows for b in minis] == [4, 4, 4, 4]  # 2 whole groups of G = 2 each
+    for b in minis:
+        assert b.old_logprobs is not None and (b.old_logprobs[b.response_mask] == -1.0).all()
+        assert b.loss_normalizer == b.response_mask.sum() == 12  # its own tokens, not the batch's 24
+    # every epoch covers every row once
+    key = [tuple(map(tuple, b.input_ids[:, :3])) for b in minis]
+    assert sorted(key[0] + key[1]) == sorted(key[2] + key[3])
+    row = metric_rows(tmp_path)[0]
+    assert row["train/updates"] == 4 and "time/pi_old" in row
+    updates = [json.loads(line) for line in (tmp_path / "run" / "updates.jsonl").read_text().splitlines()]
+    assert [(u["step"], u["update"]) for u in updates] == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    assert {"clip_fraction", "ratio_min", "ratio_max"} <= set(updates[0])
+
+
+def test_one_step_off_trains_each_batch_sampled_by_the_previous_weights(tmp_path, events):
+    sync_actors = fakes([])
+    driver.train(make_cfg(tmp_path / "sync", trainer={"total_steps": 4}), sync_actors)
+    actors = fakes(events)
+    driver.train(make_cfg(tmp_path, trainer={"total_steps": 4, "mode": "one_step_off"}), actors)
+    # Batch s is generated while step s - 1 trains, by the weights of step s - 2 (the first two by v0).
+    assert actors.rollout.versions == [0, 0, 1, 2]
+    assert sync_actors.rollout.versions == [0, 1, 2, 3]
+    # Same prompts, same order as sync: only the weights that sampled them differ.
+    assert actors.rollout.generated == sync_actors.rollout.generated
+    rows = metric_rows(tmp_path)
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 1, 1]
+    assert all(r["rollout/dropped_stale_groups"] == 0 for r in rows)
+    assert [r["weight_version"] for r in rows] == [1, 2, 3, 4]
+    assert all("time/wait_rollout" in r and "time/rollout" in r for r in rows)
+    assert [("time/push_wait" in r) for r in rows] == [True, True, True, False]  # nothing to wait for after the last
+
+
+@pytest.mark.parametrize("staleness", [1, 2, 3])
+def test_async_mode_keeps_every_group_within_the_bound(tmp_path, events, staleness):
+    actors = fakes(events)
+    driver.train(make_cfg(tmp_path, trainer={"total_steps": 6, "mode": "async", "max_staleness": staleness}), actors)
+    rows = metric_rows(tmp_path)
+    assert all(r["rollout/staleness_max"] <= staleness and r["rollout/dropped_stale_groups"] == 0 for r in rows)
+    # Each batch generated once, in order: no batch lost or duplicated.
+    assert len(actors.rollout.generated) == 6
+    assert actors.rollout.versions == sorted(actors.rollout.versions)
+
+
+def test_a_group_beyond_the_bound_is_dropped_and_counted(tmp_path, events):
+    groups = driver.StepGroups(
+        rows=["a", "b"],  # type: ignore[list-item]
+        groups=[RolloutGroup("a", (1,), (), 3, 0), RolloutGroup("b", (1,), (), 1, 0)],
+        rewards=torch_rows([[1.0, 0.0], [0.0, 1.0]]),
+        correct=torch_rows([[1, 0], [0, 1]]).bool(),
+        grades=[],
+        gen_stats=[],
+        refill={},
+        reward_seconds=0.0,
+    )
+    kept, m = driver.drop_stale(groups, version=4, bound=2, step=5)
+    assert [g.prompt_id for g in kept.groups] == ["a"] and kept.rows == ["a"] and kept.rewards.shape == (1, 2)
+    assert m == {"rollout/staleness_mean": 1.0, "rollout/staleness_max": 1, "rollout/dropped_stale_groups": 1}
+    with pytest.raises(RuntimeError, match="every group"):
+        driver.drop_stale(groups, version=9, bound=2, step=5)
+    assert driver.drop_stale(groups, version=9, bound=0, step=5)[1]["rollout/dropped_stale_groups"] == 0  # sync
+
+
+def torch_rows(values):
+    import torch
+
+    return torch.tensor(values)
+
+
+def by_version(prompt_id: str, sample_index: int, version: int) -> str:
+    """A mixed group at even versions, an all-correct one at odd: the reward tells which weights sampled."""
+    return RIGHT if sample_index <= version % 2 else WRONG
+
+
+@pytest.mark.parametrize("mode", ["one_step_off", "async"])
+def test_a_resumed_off_policy_run_trains_on_the_batches_in_flight_at_its_checkpoint(tmp_path, events, mode):
+    trainer = {"total_steps": 4, "save_every": 2, "mode": mode, "max_staleness": 1}
+    straight = fakes([])
+    straight.rollout.answer = by_version
+    driver.train(make_cfg(tmp_path / "straight", trainer=trainer), straight)
+    # The same run dies in step 3, after its step-2 checkpoint (which kept batch 3, sampled by v1) ...
+    dying = fakes(events, fail_at=3)
+    dying.rollout.answer = by_version
+    with pytest.raises(RuntimeError, match="run.resume=auto"):
+        driver.train(make_cfg(tmp_path, trainer=trainer), dying)
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / ckpt.INFLIGHT_FILE).exists()
+    # ... and resumes on fresh actors that hold the checkpoint's weights (v2).
+    resumed = fakes([], version=2)
+    resumed.rollout.answer = by_version
+    driver.train(make_cfg(tmp_path, trainer=trainer, run={"resume": "auto"}), resumed)
+    # Batch 3 came from the checkpoint (not generated again), batch 4 from where the sampler stood.
+    assert resumed.rollout.generated == straight.rollout.generated[3:]
+    assert dying.rollout.generated[:3] == straight.rollout.generated[:3]
+    want = [(r["step"], r["reward/mean"], r["rollout/staleness_max"]) for r in metric_rows(tmp_path / "straight")]
+    got = [(r["step"], r["reward/mean"], r["rollout/staleness_max"]) for r in metric_rows(tmp_path)]
+    assert got == want
+    assert [w[1] for w in want] == [0.5, 0.5, 1.0, 0.5]  # batch 3 was sampled by v1
+
+
+def test_sync_mode_refuses_a_checkpoint_with_batches_in_flight(tmp_path, events):
+    dying = fakes(events, fail_at=2)
+    with pytest.raises(RuntimeError):
+        driver.train(make_cfg(tmp_path, trainer={"total_steps": 3, "mode": "one_step_off"}), dying)
+    with pytest.raises(ConfigError, match="trainer.mode=sync"):
+        driver.train(make_cfg(tmp_path, trainer={"total_steps": 3}, run={"resume": "auto"}), fakes([], version=1))

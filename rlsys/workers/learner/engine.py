@@ -403,14 +403,14 @@ class Learner:
         self._check_lockstep(batch, "compute_logprobs", [self._logprob_mbs])
         return self._token_logprobs(self.engine, batch)
 
-    def train_step(self, batch: TrainBatch, old_logprobs: np.ndarray | None = None) -> TrainStats:
+    def train_step(self, batch: TrainBatch) -> TrainStats:
         """One optimizer step on this rank's share of the global batch; returns GLOBAL stats.
 
-        pi_old: ``old_logprobs`` [N, L] if given (e.g. computed with :meth:`compute_logprobs` before
-        the first of several PPO mini-batches). Else pi_old is the current policy itself: each
+        pi_old: ``batch.old_logprobs`` [N, L] if set (computed once with :meth:`compute_logprobs`
+        before the first of several PPO mini-batches). Else pi_old is the current policy itself: each
         micro-batch's own forward pass, detached, so the ratio is exactly 1 (a single step per batch)
         and no separate no-grad pass over the batch is spent on it. The rollout engine's log-probs
-        serve the ``rollout_logprob_diff`` metric and truncated IS (``tis_cap``).
+        serve the ``rollout_logprob_diff`` metric and the importance correction (``is_correction``).
 
         Every micro-batch's loss uses ``batch.loss_normalizer``; with the scaling described in the
         module docstring the applied gradient is that of the full global-batch loss. A non-finite
@@ -424,14 +424,6 @@ class Learner:
         t0 = time.perf_counter()
         spec = self.spec
         n_micro = self._check_lockstep(batch, "train_step", [spec.micro_batch_size, self._logprob_mbs])[0]
-        old: np.ndarray | None = None  # None: pi_old = this step's own forward, detached
-        if old_logprobs is not None:
-            old = np.asarray(old_logprobs, dtype=np.float32)
-            if old.shape != batch.input_ids.shape:
-                raise ValueError(
-                    f"learner rank {self.rank}, train_step: old_logprobs has shape {old.shape}, "
-                    f"expected {batch.input_ids.shape} (aligned with input_ids)"
-                )
         ref = self._token_logprobs(self.ref_engine, batch) if self.ref_engine is not None else None
         old_seconds = time.perf_counter() - t0
 
@@ -447,7 +439,7 @@ class Learner:
             self.engine.set_gradient_accumulation_boundary(k == n_micro - 1)
             ids, attn, resp = self._tensors(mb)
             lp, entropy = self.engine(ids, attn, resp, need_entropy_grad)
-            old_mb = lp.detach().float() if old is None else self._tensor(old[rows, :width])
+            old_mb = lp.detach().float() if mb.old_logprobs is None else self._tensor(mb.old_logprobs)
             rollout_mb = self._tensor(batch.rollout_logprobs[rows, :width])
             sums["rollout_logprob_diff"] += float((old_mb - rollout_mb).abs()[resp].double().sum())
             loss, m = policy_loss(
@@ -467,6 +459,8 @@ class Learner:
                 token_sum_constant=spec.token_sum_constant,
                 rollout_logprobs=rollout_mb if spec.tis_cap else None,
                 tis_cap=spec.tis_cap,
+                tis_mode=spec.tis_mode,
+                dual_clip=spec.dual_clip,
             )
             value = float(loss.detach())
             if not math.isfinite(value):

@@ -47,8 +47,8 @@ class _LearnerActor:
             "threads": torch.get_num_threads(),
         }
 
-    def train_step(self, batch: TrainBatch, old_logprobs: np.ndarray | None = None) -> TrainStats:
-        return self.learner.train_step(batch, old_logprobs)
+    def train_step(self, batch: TrainBatch) -> TrainStats:
+        return self.learner.train_step(batch)
 
     def compute_logprobs(self, batch: TrainBatch) -> np.ndarray:
         return self.learner.compute_logprobs(batch)
@@ -248,9 +248,7 @@ class LearnerGroup:
 
         return shard_train_batch(batch, self.num_workers, self.spec.micro_batch_size, pad_token_id)
 
-    def train_step(
-        self, global_batch_parts: list[TrainBatch], old_logprobs: Sequence[np.ndarray | None] | None = None
-    ) -> TrainStats:
+    def train_step(self, global_batch_parts: list[TrainBatch]) -> TrainStats:
         """One optimizer step over the global batch given as one part per rank; rank 0's (= global) stats."""
         parts = list(global_batch_parts)
         if len(parts) != self.num_workers:
@@ -272,8 +270,7 @@ class LearnerGroup:
                 f"LearnerGroup.train_step: parts carry different loss_normalizers {sorted(norms)}; all "
                 "must carry the global batch's normalizer"
             )
-        olds: Sequence[np.ndarray | None] = old_logprobs or [None] * self.num_workers
-        return self._wait(lambda r, a: a.train_step.remote(parts[r], olds[r]), "train", self.call_timeout_s)[0]
+        return self._wait(lambda r, a: a.train_step.remote(parts[r]), "train", self.call_timeout_s)[0]
 
     def compute_logprobs(self, batch: TrainBatch, pad_token_id: int = 0) -> np.ndarray:
         """Log-probs [N, L] of a whole batch, its rows spread over the ranks; same layout as the batch."""

@@ -45,7 +45,9 @@ class LearnerSpec:
     token_sum_constant: float | None = None
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
-    tis_cap: float | None = None  # truncated importance sampling vs the rollout engine (algo.tis_cap)
+    tis_cap: float | None = None  # importance correction vs the behaviour policy (config.importance_correction)
+    tis_mode: str = "truncate"  # truncate | mask (rlsys.algo.losses.policy_loss)
+    dual_clip: float | None = None  # algo.dual_clip
     seed: int = 0
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False  # model.trust_remote_code: run the checkpoint's own modelling code
@@ -86,6 +88,10 @@ class LearnerSpec:
                 bad(name, "must be finite and >= 0")
         if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap >= 1):
             bad("tis_cap", "must be a finite number >= 1 (or None for off)")
+        if self.tis_mode not in ("truncate", "mask"):
+            bad("tis_mode", "choose truncate or mask")
+        if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1):
+            bad("dual_clip", "must be a finite number > 1 (or None for off)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             bad("betas", "must be two numbers in [0, 1)")
         if not self.eps > 0:
