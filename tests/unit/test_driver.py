@@ -541,7 +541,7 @@ def test_async_mode_keeps_every_group_within_the_bound(tmp_path, events, stalene
 
 def test_a_group_beyond_the_bound_is_dropped_and_counted(tmp_path, events):
     groups = driver.StepGroups(
-        rows=["a", "b"],  # type: ignore[list-item]
+        rows=["a", "b"],
         groups=[RolloutGroup("a", (1,), (), 3, 0), RolloutGroup("b", (1,), (), 1, 0)],
         rewards=torch_rows([[1.0, 0.0], [0.0, 1.0]]),
         correct=torch_rows([[1, 0], [0, 1]]).bool(),

@@ -72,6 +72,7 @@ def _one_token(ratio: float, adv: float, **kw):
     old = torch.zeros(1, 1)
     loss, m = policy_loss(lp, old, torch.tensor([adv]), torch.ones(1, 1, dtype=torch.bool), **kw)
     loss.backward()
+    assert lp.grad is not None
     return float(loss.detach()), float(lp.grad[0, 0]), m
 
 
@@ -98,12 +99,11 @@ def test_masked_importance_sampling_drops_tokens_over_the_cap() -> None:
     behaviour = torch.tensor([[-0.5, -2.0]])
     mask = torch.ones(1, 2, dtype=torch.bool)
     adv = torch.tensor([1.0])
-    kw = dict(rollout_logprobs=behaviour, tis_cap=2.0)
-    lt, mt = policy_loss(lp, old, adv, mask, tis_mode="truncate", **kw)
-    lm, mm = policy_loss(lp, old, adv, mask, tis_mode="mask", **kw)
+    lt, mt = policy_loss(lp, old, adv, mask, tis_mode="truncate", rollout_logprobs=behaviour, tis_cap=2.0)
+    lm, mm = policy_loss(lp, old, adv, mask, tis_mode="mask", rollout_logprobs=behaviour, tis_cap=2.0)
     assert float(lt) == pytest.approx(-(math.exp(0.5) + 2.0) / 2)
     assert float(lm) == pytest.approx(-math.exp(0.5) / 2)
     assert mt["tis_clip_fraction"] == mm["tis_clip_fraction"] == 0.5
     assert mm["tis_weight_mean"] == pytest.approx(math.exp(0.5) / 2)
     with pytest.raises(ValueError, match="tis_mode"):
-        policy_loss(lp, old, adv, mask, tis_mode="clip", **kw)
+        policy_loss(lp, old, adv, mask, tis_mode="clip", rollout_logprobs=behaviour, tis_cap=2.0)
