@@ -165,7 +165,13 @@ def rollout_threads(cfg: RLConfig, num_workers: int) -> int:
     from rlsys.cluster import worker_threads
 
     r = cfg.rollout
-    return worker_threads(r.num_threads, num_workers, r.num_cpus_per_worker)
+    return worker_threads(r.num_threads, num_workers, r.num_cpus_per_worker, core_share(cfg))
+
+
+def core_share(cfg: RLConfig) -> float:
+    """The fraction of a local machine's cores each role (rollout, learners) computes on: all of them
+    when the phases take turns (``trainer.mode=sync``), half when generation overlaps training."""
+    return 1.0 if cfg.trainer.mode == "sync" else 0.5
 
 
 def learner_actor_options(cfg: RLConfig, num_workers: int) -> dict:
@@ -177,7 +183,7 @@ def learner_actor_options(cfg: RLConfig, num_workers: int) -> dict:
     return actor_options(
         lr.num_cpus_per_worker,
         lr.num_gpus_per_worker,
-        num_threads=worker_threads(lr.num_threads, num_workers, lr.num_cpus_per_worker),
+        num_threads=worker_threads(lr.num_threads, num_workers, lr.num_cpus_per_worker, core_share(cfg)),
     )
 
 

@@ -22,8 +22,10 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rlsys.fsutil import replace_dir, track_partial, untrack_partial
 from rlsys.sampler import SamplerState
@@ -31,7 +33,7 @@ from rlsys.sampler import SamplerState
 STATE_FILE = "driver_state.json"
 LEARNER_STATE_DIR = "learner_state"
 # The off-policy trainer modes: batches generated for steps after the checkpoint's, not yet trained on.
-INFLIGHT_FILE = "inflight.pkl"
+INFLIGHT_FILE = "inflight.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 log = logging.getLogger("rlsys.checkpoint")
@@ -140,19 +142,77 @@ def load_driver_state(ckpt: Path) -> DriverState:
 
 
 def save_inflight(ckpt: Path, batches: dict[int, object]) -> None:
-    """Keep the batches in flight at a checkpoint ({step: the driver's StepGroups}) with it."""
-    import pickle
+    """Keep the batches in flight at a checkpoint ({step: a frozen dataclass, e.g. the driver's
+    StepGroups}) with it, as JSON (no pickle: loading a checkpoint runs no code). Dataclasses, numpy
+    arrays, torch tensors, tuples, lists, dicts and scalars are encoded exactly (floats round-trip)."""
+    doc = {"format_version": FORMAT_VERSION, "batches": {str(k): _encode(v) for k, v in batches.items()}}
+    (ckpt / INFLIGHT_FILE).write_text(json.dumps(doc), encoding="utf-8")
 
-    (ckpt / INFLIGHT_FILE).write_bytes(pickle.dumps(batches, protocol=pickle.HIGHEST_PROTOCOL))
 
-
-def load_inflight(ckpt: Path) -> dict[int, object]:
-    """The batches :func:`save_inflight` kept ({} for a checkpoint of a sync run). The file is the
-    run's own, written by this driver into its own checkpoint: unpickling it runs no foreign code."""
-    import pickle
-
+def load_inflight(ckpt: Path, types: Sequence[type]) -> dict[int, Any]:
+    """The batches :func:`save_inflight` kept ({} for a checkpoint without any). ``types``: the dataclasses
+    the file may hold; any other class name in it is refused."""
     path = ckpt / INFLIGHT_FILE
-    return pickle.loads(path.read_bytes()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {doc.get('format_version')} is not {FORMAT_VERSION}")
+    known = {f"{t.__module__}.{t.__qualname__}": t for t in types}
+    return {int(k): _decode(v, known, path) for k, v in doc["batches"].items()}
+
+
+def _encode(v: Any) -> Any:
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        cls = type(v)
+        fields = {f.name: _encode(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return {"__dc__": f"{cls.__module__}.{cls.__qualname__}", "fields": fields}
+    if isinstance(v, torch.Tensor):
+        return {"__pt__": str(v.dtype).removeprefix("torch."), "shape": list(v.shape), "data": v.flatten().tolist()}
+    if isinstance(v, np.ndarray):
+        return {"__nd__": v.dtype.str, "shape": list(v.shape), "data": v.reshape(-1).tolist()}
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, tuple):
+        return {"__tuple__": [_encode(x) for x in v]}
+    if isinstance(v, list):
+        return [_encode(x) for x in v]
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise TypeError(f"save_inflight: dict keys must be strings, got {sorted(map(type, v), key=str)}")
+        return {"__dict__": {k: _encode(x) for k, x in v.items()}}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"save_inflight: cannot encode a {type(v).__name__}")
+
+
+def _decode(v: Any, known: dict[str, type], path: Path) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(v, list):
+        return [_decode(x, known, path) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "__dc__" in v:
+        cls = known.get(v["__dc__"])
+        if cls is None:
+            raise ValueError(f"{path}: holds a {v['__dc__']}, which is not a record a checkpoint may hold")
+        return cls(**{k: _decode(x, known, path) for k, x in v["fields"].items()})
+    if "__pt__" in v:
+        return torch.tensor(v["data"], dtype=getattr(torch, v["__pt__"])).reshape(v["shape"])
+    if "__nd__" in v:
+        return np.asarray(v["data"], dtype=np.dtype(v["__nd__"])).reshape(v["shape"])
+    if "__tuple__" in v:
+        return tuple(_decode(x, known, path) for x in v["__tuple__"])
+    if "__dict__" in v:
+        return {k: _decode(x, known, path) for k, x in v["__dict__"].items()}
+    raise ValueError(f"{path}: unknown entry {sorted(v)}")
 
 
 def truncate_metrics(path: str | os.PathLike, last_step: int) -> int:

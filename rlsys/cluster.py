@@ -121,21 +121,23 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_threads(configured: int | None, num_workers: int, num_cpus_per_worker: float) -> int:
+def worker_threads(configured: int | None, num_workers: int, num_cpus_per_worker: float, share: float = 1.0) -> int:
     """Compute threads for each of a role's ``num_workers`` actors.
 
     ``configured`` (``rollout.num_threads`` / ``learner.num_threads``) wins. Else, on a local cluster
-    (:func:`connect` started it in this process), this machine's cores split evenly among
+    (:func:`connect` started it in this process), ``share`` of this machine's cores split evenly among
     the role's workers: the synchronous loop runs generate, train and sync one after another, so
-    each phase may use every core, and Ray's default (threads = the actor's ``num_cpus``, 1 here)
-    would leave the other cores idle. On a remote cluster, ``num_cpus_per_worker``.
+    each phase may use every core (``share`` 1), and Ray's default (threads = the actor's ``num_cpus``,
+    1 here) would leave the other cores idle; when generation overlaps training the two roles split
+    the cores (``share`` 1/2 each, so neither oversubscribes the other). On a remote cluster,
+    ``num_cpus_per_worker``.
     """
     if configured is not None:
         return int(configured)
     import ray
 
     if _started_here and ray.is_initialized():
-        return max(1, machine_cores() // max(1, num_workers))
+        return max(1, int(machine_cores() * share) // max(1, num_workers))
     return max(1, int(num_cpus_per_worker))
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from rlsys.prefetch import Prefetcher
 from rlsys.progress import Progress
 from rlsys.records import (
     GRADE_STATUSES,
+    Completion,
     Grade,
     GradeRequest,
     PromptRow,
@@ -60,10 +61,8 @@ from rlsys.records import (
 from rlsys.sampler import PromptSampler, sample_seed
 from rlsys.workers import LearnerGroupLike, RewardGroupLike, RolloutGroupLike
 from rlsys.workers.learner import LearnerError
+from rlsys.workers.vllm_engine import GenerationStats
 from rlsys.workers.weight_path import ObjectStorePath
-
-if TYPE_CHECKING:
-    from rlsys.workers.vllm_engine import GenerationStats
 
 log = logging.getLogger("rlsys.driver")
 
@@ -114,6 +113,10 @@ class StepGroups:
     refill: dict[str, float]  # algo/sampling_rounds, algo/filtered_groups
     reward_seconds: float  # grading wall time over all rounds (time/reward)
     collect_seconds: float = 0.0  # wall time of the whole generate-and-grade phase (all rounds)
+
+
+# The records a checkpoint's in-flight batches are made of (rlsys.checkpoint.load_inflight refuses others).
+INFLIGHT_TYPES = (StepGroups, PromptRow, RolloutGroup, Completion, Grade, GenerationStats)
 
 
 @dataclass
@@ -336,7 +339,7 @@ def prepare(cfg: RLConfig, out_dir: Path) -> RunInputs:
     requests = {r.prompt_id: RolloutRequest(r.prompt_id, tuple(encode_prompt(tokenizer, r, fmt))) for r in rows}
     log.info("%d training prompts; model %s", len(rows), model_path)
     log_prompt_once(tokenizer, rows[0], requests[rows[0].prompt_id].prompt_token_ids, fmt)
-    inflight: dict[int, StepGroups] = ckpt.load_inflight(resume) if resume else {}  # type: ignore[assignment]
+    inflight: dict[int, StepGroups] = ckpt.load_inflight(resume, INFLIGHT_TYPES) if resume else {}
     if inflight and cfg.trainer.mode == "sync":
         raise ConfigError(
             f"invalid config trainer.mode=sync: the run in {out_dir} was checkpointed in an off-policy mode "
@@ -609,6 +612,10 @@ def batch_source(
         return
     prefetcher = Prefetcher(collect, first, cfg.trainer.total_steps, ahead=bound, preloaded=inflight)
     log.info("trainer.mode=%s: generating up to %d batch(es) ahead of training", mode, bound)
+    if inflight:
+        log.info(
+            "resuming with %d batch(es) generated before the checkpoint (steps %s)", len(inflight), sorted(inflight)
+        )
     try:
         yield BatchSource(collect, prefetcher, hold=mode == "one_step_off")
     finally:

@@ -24,6 +24,7 @@ import numpy as np
 
 from rlsys import records
 from rlsys.records import Completion, RolloutRequest
+from rlsys.workers.vllm_logging import drop_benign_reload_warning
 
 log = logging.getLogger("rlsys.rollout")
 
@@ -86,34 +87,12 @@ class GenerationStats:
     restarts: int = 0  # times the pool replaced this worker while serving this call (pool-side)
 
 
-class _DropBenignReloadWarning(logging.Filter):
-    """Drops vLLM's per-sync "RotaryEmbedding: Failed to load weights" warning.
-
-    On a weight reload vLLM 0.32 warns for every layer that has loadable tensors but got none from
-    the checkpoint; for RotaryEmbedding that tensor is the derived cos/sin cache, never in a
-    checkpoint, and vLLM puts the original back. So the warning fires on every sync and means
-    nothing; a real failure still shows for any other layer, and the per-sync probe check
-    (``sync/logprob_diff``) fails the run if the weights did not land.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
-
-
-# The vLLM module that logs the warning above. A filter on a logger sees the records created on that
-# logger (not those of its children), and vLLM attaches its handlers only when the engine starts, so
-# the filter sits here. If vLLM moves the module the warning simply reappears.
-_VLLM_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-
-
 def _configure_vllm_logging(level: str) -> None:
     """vLLM's logger at ``level`` (before vLLM's import, via its env var; after it, directly) and
     the benign reload warning dropped. Called in the process that owns the engine."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
     logging.getLogger("vllm").setLevel(level)
-    reload_log = logging.getLogger(_VLLM_RELOAD_LOGGER)
-    if not any(isinstance(f, _DropBenignReloadWarning) for f in reload_log.filters):
-        reload_log.addFilter(_DropBenignReloadWarning())
+    drop_benign_reload_warning()
 
 
 def _engine_kwargs(spec: RolloutSpec, worker_id: int, model_elsewhere: bool) -> dict[str, Any]:

@@ -30,6 +30,10 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from rlsys.workers.torchdist import GroupAddress, TensorMeta, init_group, receive_buckets
+from rlsys.workers.vllm_logging import drop_benign_reload_warning
+
+# Imported by vLLM in every process that holds model ranks (it loads the worker extension there).
+drop_benign_reload_warning()
 
 #: The backend name rlsys registers with vLLM's WeightTransferEngineFactory.
 TORCHDIST_BACKEND = "rlsys_torchdist"

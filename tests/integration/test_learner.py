@@ -224,6 +224,15 @@ def runs(ray_cluster, model_path, reference, tmp_path_factory):
                 r["after_bad"], _ = _exported(group)
             r["stats"] = group.train_step(parts)
             r["after"], _ = _exported(group)
+            if name in ("z2x1", "z2x2"):
+                # PPO mini-batches: pi_old once for the whole batch, then two optimizer steps on its two
+                # halves, each with its own normalizer; 1 rank x mbs 2 and 2 ranks x mbs 1 must agree.
+                from rlsys.workers.batching import split_mini_batches
+
+                with_old = replace(batch, old_logprobs=group.compute_logprobs(batch))
+                minis = split_mini_batches(with_old, 1, 2, "token_mean")
+                r["mini_stats"] = [group.train_step(group.shard(m)) for m in minis]
+                r["after_minis"], _ = _exported(group)
             # Timing only: two more steps on the same batch (their values are not checked).
             times = []
             for _ in range(2):
@@ -296,6 +305,24 @@ def test_configs_agree_with_each_other(runs, reference) -> None:
     for name in ("z2x2", "z3x2"):
         err = _update_error(runs[name]["after"], base, reference["initial"])
         assert err < UPDATE_RTOL, f"{name} vs z2x1: {err:.3g}"
+
+
+def test_mini_batches_agree_across_ranks_and_the_second_is_off_policy(runs, reference) -> None:
+    a, b = runs["z2x1"], runs["z2x2"]
+    # Both groups took the same exact step before (test_configs_agree_with_each_other), then the same two
+    # mini-batch updates: the exact micro-batch / rank invariance holds per mini-batch.
+    err = _update_error(b["after_minis"], a["after_minis"], a["after"])
+    assert err < UPDATE_RTOL, f"mini-batch updates differ across ranks by {err:.3g}"
+    for s1, s2 in zip(a["mini_stats"], b["mini_stats"]):
+        assert s1.loss == pytest.approx(s2.loss, rel=1e-5, abs=1e-7)
+        assert s1.ratio_max == pytest.approx(s2.ratio_max, rel=1e-5)
+    first, second = a["mini_stats"]
+    batch = reference["batch"]
+    assert first.num_tokens + second.num_tokens == int(batch.response_mask.sum())
+    # The first update starts at pi_old (ratio 1 up to float32 rounding); the second runs on weights the
+    # first moved, so its ratio leaves 1 and the clip can act.
+    assert abs(first.ratio_max - 1) < 1e-4 and abs(first.ratio_min - 1) < 1e-4
+    assert second.ratio_max - second.ratio_min > 1e-3
 
 
 def test_zero3_export_covers_every_hf_parameter(runs, reference, model_path) -> None:

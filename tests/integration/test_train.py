@@ -180,7 +180,7 @@ def check_run(tmp_path: Path, res: subprocess.CompletedProcess, bad: list, steps
     moved = sum(float(np.abs(new[k].astype(np.float32) - old[k].astype(np.float32)).max()) > 0 for k in old)
     assert moved >= len(old) // 2, f"only {moved}/{len(old)} tensors changed"
     assert "sample [" in res.stdout  # decoded samples are in the log
-    # vLLM's benign per-sync reload warning is filtered (rlsys.workers.vllm_engine._VLLM_RELOAD_LOGGER still
+    # vLLM's benign per-sync reload warning is filtered (rlsys.workers.vllm_logging.VLLM_RELOAD_LOGGER still
     # names the module that logs it), and its per-step INFO lines are below the default level.
     assert "Failed to load weights" not in res.stdout and "Reloading weights inplace" not in res.stdout
     # Held-out evaluation before (row 0) and after training (the last row), with its plot.

@@ -73,3 +73,45 @@ def test_other_format_versions_are_refused():
     text = state(1).to_json().replace('"format_version": 1', '"format_version": 99')
     with pytest.raises(ValueError, match="another rlsys version"):
         ckpt.DriverState.from_json(text)
+
+
+def test_inflight_batches_round_trip_exactly_as_json(tmp_path):
+    import numpy as np
+    import torch
+
+    from rlsys import driver
+    from rlsys.records import Completion, Grade, PromptRow, RolloutGroup
+    from rlsys.workers.vllm_engine import GenerationStats
+
+    comp = Completion(
+        token_ids=np.array([5, 6, 7], np.int32),
+        logprobs=np.array([-0.1, -1e-8, -3.3333333], np.float32),
+        text="Answer: 1",
+        finish_reason="stop",
+        version_spans=((1, 0, 2), (2, 2, 3)),
+    )
+    groups = driver.StepGroups(
+        rows=[PromptRow("p/1", (("user", "hi"),), "1", "math")],
+        groups=[RolloutGroup("p/1", (1, 2), (comp, comp), 1, 0)],
+        rewards=torch.tensor([[1.0, 0.1]]),
+        correct=torch.tensor([[True, False]]),
+        grades=[Grade("p/1", 0, 1.0, True, "ok")],
+        gen_stats=[GenerationStats(num_tokens=6, seconds=0.25, worker_id=0)],
+        refill={"algo/sampling_rounds": 1, "algo/filtered_groups": 0},
+        reward_seconds=0.5,
+        collect_seconds=1.5,
+    )
+    ckpt.save_inflight(tmp_path, {3: groups})
+    assert "pickle" not in (tmp_path / ckpt.INFLIGHT_FILE).read_text()
+    back = ckpt.load_inflight(tmp_path, driver.INFLIGHT_TYPES)[3]
+    assert back.rows == groups.rows and back.grades == groups.grades and back.gen_stats == groups.gen_stats
+    assert torch.equal(back.rewards, groups.rewards) and torch.equal(back.correct, groups.correct)
+    (g,) = back.groups
+    assert (g.prompt_id, g.prompt_token_ids, g.weight_version) == ("p/1", (1, 2), 1)
+    c = g.completions[0]
+    assert c.token_ids.dtype == np.int32 and np.array_equal(c.token_ids, comp.token_ids)
+    assert c.logprobs.dtype == np.float32 and np.array_equal(c.logprobs, comp.logprobs)  # bit for bit
+    assert c.version_spans == comp.version_spans and back.refill == groups.refill
+    with pytest.raises(ValueError, match="not a record a checkpoint may hold"):
+        ckpt.load_inflight(tmp_path, (driver.StepGroups,))
+    assert ckpt.load_inflight(tmp_path / "missing", driver.INFLIGHT_TYPES) == {}
