@@ -907,6 +907,7 @@ def step_metrics(
         "rollout/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else 0.0,
         **tstats.metrics(),  # train/*
         "sync/seconds": times["time/sync"],
+        "time/learner": tstats.seconds,  # inside time/train: the learners' own step(s), rank 0
         "sync/logprob_diff": logprob_diff,
         "weight_version": version,
         # Worker replacements since the pools started (cumulative; see rlsys.workers.supervision).
