@@ -21,6 +21,7 @@ and a NaN activation poisons the backward pass even where its gradient weight is
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -319,16 +320,5 @@ def split_mini_batches(
     for chunk in np.array_split(perm, min(num_mini_batches, groups)):
         rows = (chunk[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
         part = take_rows(batch, rows)
-        norm = loss_normalizer_for(agg, part.response_mask)
-        parts.append(
-            TrainBatch(
-                input_ids=part.input_ids,
-                attention_mask=part.attention_mask,
-                response_mask=part.response_mask,
-                advantages=part.advantages,
-                rollout_logprobs=part.rollout_logprobs,
-                loss_normalizer=norm,
-                old_logprobs=part.old_logprobs,
-            )
-        )
+        parts.append(replace(part, loss_normalizer=loss_normalizer_for(agg, part.response_mask)))
     return parts
