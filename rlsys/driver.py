@@ -259,7 +259,9 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
                 )
 
                 # ---- 3. train: trainer.mini_batches x trainer.epochs optimizer steps -----------------
-                with timed(times, "train"):
+                # (under the rollout group's weights lock: an engine replaced meanwhile on the prefetch
+                # thread gets the weights before or after this phase, labelled with their version)
+                with timed(times, "train"), actors.rollout.weights_lock:
                     updates = train_phase(
                         cfg,
                         actors.learners,
@@ -270,6 +272,8 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
                         state.checkpoint,
                         out_dir,
                     )
+                    if actors.weights is not None:
+                        actors.weights.trained(state.weight_version + 1)
                 tstats = TrainStats.combine(updates)
                 state.skipped_in_a_row = state.skipped_in_a_row + 1 if tstats.skipped else 0
                 check_diverged(t, step, state)

@@ -9,8 +9,10 @@ run's metrics.jsonl for:
 * the train reward, as the mean over the last 10 steps;
 * held-out pass@1 per sample and pass@16 at the end;
 * the staleness the run had.
-Writes ``results.json`` and a ``README.md`` table (mean +- std across seeds per mode) under ``--out``.
-A run whose ``runs/<mode>-s<seed>/metrics.jsonl`` already holds its last step is reused.
+Writes ``results.json`` and a ``README.md`` table (mean +- std across seeds per mode) under ``--out``, and
+copies each run's metrics.jsonl to ``metrics/<mode>-s<seed>.jsonl`` there (``runs/`` is gitignored: the
+checkpoints stay out of the repository, the curves go in). A run whose ``runs/<mode>-s<seed>/metrics.jsonl``
+already holds its last step is reused.
 
     python scripts/compare_modes.py --seeds 0,1,2 --out reports/modes_learning
 """
@@ -56,6 +58,9 @@ def run(mode: str, seed: int, steps: int, root: Path, extra: list[str]) -> dict:
             sys.exit(f"{mode} seed {seed} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
         print(f"  {mode} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
         rows = rows_of(out)
+    keep = root / "metrics" / f"{mode}-s{seed}.jsonl"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    keep.write_text((out / "metrics.jsonl").read_text())
     train = [r for r in rows if r["step"] >= 1]
     start = next(r for r in rows if r["step"] == 0)
     end = train[-1]

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # records import numpy only, but the protocols need them for annotations alone
+    import threading
+
     import numpy as np
 
     from rlsys.records import Grade, GradeRequest, RolloutGroup, RolloutRequest, TrainBatch, TrainStats
@@ -32,6 +34,12 @@ class RolloutGroupLike(Protocol):
     @property
     def restarts(self) -> int:
         """Worker replacements since the group started (cumulative)."""
+        ...
+
+    @property
+    def weights_lock(self) -> threading.RLock:
+        """Held by every worker replacement and weight push; the driver holds it while the learners
+        train, so that a replacement on another thread never reads weights between versions."""
         ...
 
     def generate(

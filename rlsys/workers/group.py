@@ -18,6 +18,13 @@ joining results back) on top. Its contract:
   (:class:`~rlsys.workers.supervision.RestartBudget`), a replacement that fails to start counting as
   another death. With ``restart=None`` a death is fatal and raises naming the worker: for workers
   that are one collective group (the learner ranks), where a fresh rank cannot join the others.
+* Several threads may use one group (the off-policy trainer modes generate on a prefetch thread while
+  the main thread pushes weights). The calls each ``call`` issues are issued together under a lock,
+  so actors that form one collective group (the learner ranks) receive every thread's calls in the
+  same order; ``submit`` does the same for calls issued without waiting. A replacement holds
+  ``replace_lock`` (which a caller may share, see :class:`rlsys.workers.rollout.RolloutGroup`) and
+  happens once per dead actor: a thread that finds the actor it called already replaced by
+  another re-issues its call on the replacement instead of replacing it again.
 * ``shutdown()`` calls each actor's graceful method (skipped while the job is being stopped by a
   signal, see :func:`rlsys.signals.stopping`: it would queue behind a call still running), then
   kills every actor. Idempotent.
@@ -29,6 +36,7 @@ Importing this module does not import Ray.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,6 +56,15 @@ log = logging.getLogger("rlsys.workers")
 Issue = Callable[[Any], Any]
 
 _REMOTE_CLASSES: dict[type, Any] = {}
+
+
+class _AlreadyReplaced:
+    def __repr__(self) -> str:
+        return "ALREADY_REPLACED"
+
+
+#: What ``ActorGroup.replace`` returns when the actor it was asked to replace had been replaced already.
+ALREADY_REPLACED: Any = _AlreadyReplaced()
 
 
 def remote_class(actor_cls: type) -> Any:
@@ -123,6 +140,7 @@ class ActorGroup:
         ready_method: str = "ready",
         error_type: type[WorkerError] = WorkerError,
         timeout_type: type[WorkerTimeout] = WorkerTimeout,
+        replace_lock: threading.RLock | None = None,
     ):
         if num_workers < 1:
             raise ValueError(f"{labels.group} group needs num_workers >= 1, got {num_workers}")
@@ -144,6 +162,8 @@ class ActorGroup:
             else None
         )
         self.actors: list[Any] = []
+        self.replace_lock = replace_lock if replace_lock is not None else threading.RLock()
+        self._submit_lock = threading.Lock()
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -237,15 +257,24 @@ class ActorGroup:
             self.retire(index)
         self.actors = []
 
-    def replace(self, index: int, what: str, exc: BaseException) -> Any:
+    def replace(self, index: int, what: str, exc: BaseException, actor: Any = None) -> Any:
         """Replace actor ``index`` (dead, or alive but unusable: ``exc`` says why) as a death during
         ``what`` would: within the restart budget, ``on_start`` run on the replacement, whose result
-        is returned."""
-        return self._replace(index, what, exc)
+        is returned. ``actor``: the handle found unusable; if another thread has replaced it
+        already, nothing is done and :data:`ALREADY_REPLACED` is returned."""
+        return self._replace(index, what, exc, actor)
 
-    def _replace(self, index: int, what: str, exc: BaseException) -> Any:
+    def _replace(self, index: int, what: str, exc: BaseException, actor: Any = None) -> Any:
         """Replace dead actor ``index`` within the restart budget (WorkerError when it is spent, or at
-        once without a restart policy); return what ``on_start`` returned for the replacement."""
+        once without a restart policy); return what ``on_start`` returned for the replacement, or
+        :data:`ALREADY_REPLACED` when ``actor`` (the handle that died) is no longer the slot's."""
+        with self.replace_lock:
+            if actor is not None and index < len(self.actors) and self.actors[index] is not actor:
+                log.info("%s: already replaced by another caller (%s)", self.labels.worker(index), what)
+                return ALREADY_REPLACED
+            return self._replace_locked(index, what, exc)
+
+    def _replace_locked(self, index: int, what: str, exc: BaseException) -> Any:
         import ray
 
         if self._budget is None:
@@ -302,19 +331,22 @@ class ActorGroup:
             return what[index] if isinstance(what, Mapping) else what
 
         pending: dict[Any, int] = {}
+        called: dict[int, Any] = {}  # the handle each pending call went to
         deadline: dict[int, float] = {}
         restarts = {i: 0 for i in calls}
         results: dict[int, Any] = {}
 
         def issue(index: int, issued_at: float | None = None) -> None:
-            pending[calls[index](self.actors[index])] = index
+            called[index] = self.actors[index]
+            pending[calls[index](called[index])] = index
             deadline[index] = (time.monotonic() if issued_at is None else issued_at) + bound(index)
 
         # The first issue shares one start time, so calls with equal bounds fall due together and a
         # timeout names every worker that is late (for collective ranks: all that have not answered).
         started = time.monotonic()
-        for index in calls:
-            issue(index, started)
+        with self._submit_lock:
+            for index in calls:
+                issue(index, started)
         while pending:
             wait_s = max(0.0, min(deadline[i] for i in pending.values()) - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
@@ -329,13 +361,23 @@ class ActorGroup:
             except Exception as exc:
                 if not is_actor_death(exc):
                     raise self.task_error(index, doing(index), exc) from exc
-                loaded = self._replace(index, doing(index), exc)
+                loaded = self._replace(index, doing(index), exc, called[index])
+                if loaded is ALREADY_REPLACED:
+                    # Another thread replaced it (and ran on_start): this call goes to the replacement.
+                    issue(index)
+                    continue
                 restarts[index] += 1
                 if redo:
                     issue(index)
                 else:
                     results[index] = loaded
         return results, restarts
+
+    def submit(self, issue: Callable[[int, Any], Any]) -> list[Any]:
+        """``issue(index, actor)`` for every actor, issued together (see the module doc): the
+        ObjectRefs in worker order, not waited on."""
+        with self._submit_lock:
+            return [issue(index, actor) for index, actor in enumerate(self.actors)]
 
     def call_all(self, issue: Issue, what: str, timeout_s: float, **kwargs: Any) -> list[Any]:
         """``call`` with the same call on every worker; the results in worker order."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -214,6 +215,12 @@ class RolloutGroup(SupervisedGroup):
       the latest weight-bucket refs to re-push (one copy of the model in Ray's object store between
       syncs) until the next ``load_weight_buckets`` replaces them.
 
+    * Thread use: ``generate`` may run on one thread (the off-policy modes' prefetch thread) while
+      another pushes weights. ``weights_lock`` (an RLock) is held by every replacement and by the
+      weight paths' pushes, so a replacement never interleaves with a push, and the driver holds it
+      while the learners train, so a replacement never reads weights half-way between versions.
+      An actor that two threads see die is replaced once.
+
     ``restarts`` counts replacements over the group's life; ``GenerationStats.restarts`` the ones
     during one generate call. The supervision itself is :class:`rlsys.workers.group.ActorGroup`.
     """
@@ -272,14 +279,20 @@ class RolloutGroup(SupervisedGroup):
             return self._feed.version
         return self._weights[1] if self._weights is not None else 0
 
+    @property
+    def weights_lock(self) -> threading.RLock:
+        """Held by every replacement and weight push (see the class doc)."""
+        return self._group.replace_lock
+
     def set_weight_feed(self, feed: WeightFeed | None) -> None:
         """From now on a replaced worker is brought up to date by ``feed.attach(index, actor)``."""
         self._feed = feed
 
-    def restart_worker(self, index: int, what: str, exc: BaseException) -> None:
+    def restart_worker(self, index: int, what: str, exc: BaseException, actor: Any = None) -> None:
         """Replace worker ``index`` (it is alive but unusable, or hung: ``exc`` says why) within the
-        restart budget; the replacement is brought to the current weights like any other."""
-        self._group.replace(index, what, exc)
+        restart budget; the replacement is brought to the current weights like any other. ``actor``:
+        the handle that failed (nothing is done if another thread has replaced it already)."""
+        self._group.replace(index, what, exc, actor)
 
     # ---- supervision hooks ------------------------------------------------------------------------
 

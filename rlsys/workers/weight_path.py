@@ -57,9 +57,14 @@ class ObjectStorePath:
 
     def push(self, version: int) -> SyncReport:
         t0 = time.perf_counter()
-        refs = self.learners.export_weight_buckets(self.bucket_bytes)
-        self.rollout.load_weight_buckets(refs, version)
+        with self.rollout.weights_lock:  # no replacement in the middle (rlsys.workers.rollout)
+            refs = self.learners.export_weight_buckets(self.bucket_bytes)
+            self.rollout.load_weight_buckets(refs, version)
         return SyncReport(self.transport, 0, time.perf_counter() - t0)
+
+    def trained(self, version: int) -> None:
+        """The learners now hold ``version`` (not pushed yet). A replacement is re-pushed the kept
+        buckets, which are the engines' version, so there is nothing to track."""
 
 
 class TorchDistPath:
@@ -86,7 +91,10 @@ class TorchDistPath:
         self.learners, self.rollout = learners, rollout
         self.backend, self.bucket_bytes, self.piece_bytes = backend, bucket_bytes, piece_bytes
         self.timeout_s, self.tp_size = float(timeout_s), tp_size
-        self.version = 0
+        self.version = 0  # pushed to every engine
+        # What the learners hold: ahead of ``version`` between the end of a train phase and its push,
+        # when a replacement (attach) receives these weights and must carry their version.
+        self.held = 0
         self.meta: list[TensorMeta] = []
 
     # ---- groups ---------------------------------------------------------------------------------
@@ -115,29 +123,37 @@ class TorchDistPath:
         ray.get(joins, timeout=self.timeout_s + 60)
 
     def attach(self, index: int, actor: Any) -> int:
-        """A fresh actor for worker ``index``: join a new group; at version > 0 receive the current
-        weights (a failure here counts as another failure of the worker). Returns the bytes sent."""
+        """A fresh actor for worker ``index``: join a new group; past version 0 receive the weights
+        the learners hold, labelled ``held`` (a failure here counts as another failure of the
+        worker). Runs under the rollout group's ``weights_lock``. Returns the bytes sent."""
         self._connect({index: actor})
-        if self.version == 0:
+        if self.held == 0:
             return 0
-        report, failed, _ = self._transfer({index: actor}, self.version)
+        report, failed, _ = self._transfer({index: actor}, self.held)
         if failed:
             raise failed[index]
         return report.nbytes
 
     # ---- one sync -------------------------------------------------------------------------------
 
+    def trained(self, version: int) -> None:
+        """The learners now hold ``version`` (pushed later): what a replacement receives until then."""
+        self.held = int(version)
+
     def push(self, version: int) -> SyncReport:
         t0 = time.perf_counter()
-        actors = dict(enumerate(self.rollout.workers))
-        report, failed, states = self._transfer(actors, version)
-        self.version = int(version)
-        replaced = []
-        for i, exc in sorted(failed.items()):
-            log.warning("phase sync: rollout worker %d failed receiving weights v%d: %s", i, version, short_error(exc))
-            # The replacement joins a fresh group and receives v`version` (attach) before this returns.
-            self.rollout.restart_worker(i, f"sync (receiving weights v{version})", exc)
-            replaced.append(i)
+        with self.rollout.weights_lock:  # no replacement in the middle (rlsys.workers.rollout)
+            actors = dict(enumerate(self.rollout.workers))
+            report, failed, states = self._transfer(actors, version)
+            self.version = self.held = int(version)
+            replaced = []
+            for i, exc in sorted(failed.items()):
+                log.warning(
+                    "phase sync: rollout worker %d failed receiving weights v%d: %s", i, version, short_error(exc)
+                )
+                # The replacement joins a fresh group and receives v`version` (attach) before this returns.
+                self.rollout.restart_worker(i, f"sync (receiving weights v{version})", exc, actors[i])
+                replaced.append(i)
         return SyncReport(
             self.transport,
             report.nbytes,

@@ -9,6 +9,7 @@ own error paths in seconds, without vLLM or verifier processes.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,11 +34,25 @@ def ray_cluster() -> Iterator[None]:
 
 def _worker_class() -> type:
     class Worker:
-        def __init__(self, index: int, die_in_call: bool = False, fail_init: bool = False):
+        def __init__(self, index: int, die_in_call: bool = False, fail_init: bool = False, mortal: bool = False):
             if fail_init:
                 raise ValueError(f"worker {index} refuses to start")
             self.index = index
             self.die_in_call = die_in_call
+            self.mortal = mortal
+            self.seen: list[str] = []
+
+        def die_after(self, seconds: float) -> tuple[int, int]:
+            time.sleep(seconds)
+            if self.mortal:
+                os._exit(1)
+            return self.index, os.getpid()
+
+        def record(self, tag: str) -> None:
+            self.seen.append(tag)
+
+        def seen_tags(self) -> list[str]:
+            return self.seen
 
         def ready(self) -> int:
             return self.index
@@ -153,6 +168,89 @@ def test_death_is_replaced_with_on_start_and_the_call_reissued(ray_cluster: None
     finally:
         group.shutdown()
     assert sorted(retired) == [0, 1, 1]
+
+
+def test_an_actor_two_threads_see_die_is_replaced_once(ray_cluster: None) -> None:
+    """The off-policy trainer modes call one rollout group from two threads: a death both see is
+    one replacement, and the second thread's call goes to it."""
+    import ray
+
+    from rlsys.workers.supervision import RestartPolicy
+
+    created: list[int] = []
+    started: list[int] = []
+
+    def init_args(i: int) -> tuple[tuple, dict]:
+        created.append(i)
+        return (i,), {"mortal": i == 1 and created.count(1) == 1}  # only the first actor in slot 1 dies
+
+    group = _group(
+        init_args=init_args,
+        restart=RestartPolicy(max_restarts=3, backoff_s=0.0),
+        config_key="test.max_restarts",
+        on_start=lambda i, a: started.append(i),
+    )
+    group.start()
+    try:
+        old_pid = ray.get(group.actors[1].pid.remote())
+        out: dict[str, Any] = {}
+
+        def caller(name: str, issue: Any) -> None:
+            try:
+                out[name] = group.call({1: issue}, name, 60.0)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                out[name] = exc
+
+        dying = threading.Thread(target=caller, args=("dying", lambda a: a.die_after.remote(1.0)))
+        queued = threading.Thread(target=caller, args=("queued", lambda a: a.work.remote(0.0)))
+        dying.start()
+        time.sleep(0.3)
+        queued.start()  # queues behind the dying call on the same actor: both see the death
+        dying.join(120)
+        queued.join(120)
+        assert not isinstance(out["dying"], BaseException), out["dying"]
+        assert not isinstance(out["queued"], BaseException), out["queued"]
+        (res_d, restarts_d), (res_q, restarts_q) = out["dying"], out["queued"]
+        assert group.restarts == 1 and created.count(1) == 2 and started.count(1) == 2
+        assert restarts_d[1] + restarts_q[1] == 1  # one call replaced it, the other found it replaced
+        new_pid = ray.get(group.actors[1].pid.remote())
+        assert res_d[1] == (1, new_pid) and res_q[1] == (1, new_pid) and new_pid != old_pid
+    finally:
+        group.shutdown()
+
+
+def test_calls_from_two_threads_reach_every_actor_in_one_order(ray_cluster: None) -> None:
+    """Learner ranks are one collective group: if two threads' calls reached rank 0 and rank 1 in
+    different orders, the ranks would wait on each other's collectives. ``call`` and ``submit``
+    issue a thread's calls to all actors together. (Without that, an interleaving shows up within a
+    few hundred rounds; with it, never.)"""
+    import ray
+
+    group = _group()
+    group.start()
+    try:
+        rounds = 200
+        gate = threading.Barrier(2)
+
+        def via_call() -> None:
+            for k in range(rounds):
+                gate.wait()
+                group.call({i: (lambda a, k=k: a.record.remote(f"call{k}")) for i in range(2)}, "record", 60.0)
+
+        def via_submit() -> None:
+            for k in range(rounds):
+                gate.wait()
+                ray.get(group.submit(lambda i, a, k=k: a.record.remote(f"submit{k}")), timeout=60)
+
+        threads = [threading.Thread(target=via_call), threading.Thread(target=via_submit)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(300)
+        seen = ray.get([a.seen_tags.remote() for a in group.actors], timeout=60)
+        assert len(seen[0]) == 2 * rounds and seen[0] == seen[1]
+    finally:
+        group.shutdown()
 
 
 def test_death_after_the_budget_is_spent_fails_naming_worker_and_key(ray_cluster: None) -> None:

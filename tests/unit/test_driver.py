@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class FakeRollout:
 
     def __init__(self, events: list, answer=mixed_every_other, version: int = 0):
         self.events, self.answer, self.version = events, answer, version
+        self.weights_lock = threading.RLock()
         self.generated: list[list[str]] = []
         self.versions: list[int] = []  # the version each generate call sampled with
 
@@ -588,10 +590,16 @@ def test_a_resumed_off_policy_run_trains_on_the_batches_in_flight_at_its_checkpo
     # Batch 3 came from the checkpoint (not generated again), batch 4 from where the sampler stood.
     assert resumed.rollout.generated == straight.rollout.generated[3:]
     assert dying.rollout.generated[:3] == straight.rollout.generated[:3]
-    want = [(r["step"], r["reward/mean"], r["rollout/staleness_max"]) for r in metric_rows(tmp_path / "straight")]
     got = [(r["step"], r["reward/mean"], r["rollout/staleness_max"]) for r in metric_rows(tmp_path)]
-    assert got == want
-    assert [w[1] for w in want] == [0.5, 0.5, 1.0, 0.5]  # batch 3 was sampled by v1
+    if mode == "one_step_off":  # every push waits for the batch in generation: which weights sample what is fixed
+        want = [(r["step"], r["reward/mean"], r["rollout/staleness_max"]) for r in metric_rows(tmp_path / "straight")]
+        assert got == want
+        assert [w[1] for w in want] == [0.5, 0.5, 1.0, 0.5]  # batch 3 was sampled by v1
+    else:  # async: a batch's weights depend on when its generation started; the kept batch is trained on
+        kept = ckpt.load_inflight(tmp_path / "run" / "checkpoints" / "step_000002", driver.INFLIGHT_TYPES)
+        assert sorted(kept) == [3]
+        assert [g[0] for g in got] == [1, 2, 3, 4] and all(g[2] <= 1 for g in got)
+        assert got[2][1] == pytest.approx(float(kept[3].rewards.mean()))
 
 
 def test_sync_mode_refuses_a_checkpoint_with_batches_in_flight(tmp_path, events):

@@ -142,3 +142,32 @@ def test_sender_refuses_a_stream_that_disagrees_with_its_metadata():
     sender = WeightSender("gloo", torch.device("cpu"), timeout_s=1.0)
     with pytest.raises(TransferError, match="tensor 0"):
         sender.send(iter(named[1:]), meta, 1 << 20, 1 << 20, groups=[])
+
+
+def test_a_replacement_receives_the_learners_version_even_before_it_is_pushed(monkeypatch):
+    """TorchDistPath labels what a fresh engine receives with the version the learners hold
+    (``trained``), which runs ahead of the pushed one between a train phase and its push; at
+    version 0 a fresh engine already has the weights (nothing is sent)."""
+    import threading
+    from types import SimpleNamespace
+
+    from rlsys.workers.weight_path import TorchDistPath
+
+    rollout = SimpleNamespace(weights_lock=threading.RLock(), workers=["engine0"])
+    path = TorchDistPath(None, rollout, backend="gloo", bucket_bytes=1, piece_bytes=1, timeout_s=1.0)
+    sent: list[tuple[list, int]] = []
+
+    def transfer(actors, version):
+        sent.append((sorted(actors), version))
+        return SimpleNamespace(nbytes=8, seconds=0.0, wait_seconds=0.0), {}, {}
+
+    monkeypatch.setattr(path, "_connect", lambda actors: None)
+    monkeypatch.setattr(path, "_transfer", transfer)
+    assert path.attach(0, "fresh") == 0 and sent == []  # the initial weights: nothing to send
+    path.push(1)
+    assert (path.version, path.held) == (1, 1)
+    path.trained(2)  # the learners hold v2; the engines still v1
+    assert path.attach(0, "fresh") == 8
+    assert sent[-1] == ([0], 2) and path.version == 1
+    path.push(2)
+    assert sent[-1] == ([0], 2) and (path.version, path.held) == (2, 2)

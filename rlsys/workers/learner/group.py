@@ -314,7 +314,7 @@ class LearnerGroup:
         """Every rank starts streaming the weights (rank 0 broadcasting, checked against ``meta``): one
         ObjectRef per rank, rank 0's resolving to the SendReport. The receivers must be issued before
         these are waited on."""
-        return [a.send_weights.remote(meta, bucket_bytes, piece_bytes, groups) for a in self.actors]
+        return self._group.submit(lambda _, a: a.send_weights.remote(meta, bucket_bytes, piece_bytes, groups))
 
     def _rank0(self, phase: str, issue: Callable[[Any], Any], timeout: float) -> Any:
         results, _ = self._group.call({0: issue}, phase, timeout)
