@@ -24,6 +24,32 @@ from typing import Any, NoReturn, TypeVar
 
 CONF_DIR = os.environ.get("RLSYS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
 
+#: The commands: name -> (entry module, what it does). Console scripts ``rlsys-<name>`` (pyproject.toml),
+#: ``python -m rlsys.<name>``, and ``rlsys <name>`` (rlsys/__main__.py) all run the module's ``main``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("rlsys.train", "RL post-training (F-GRPO by default; algo= picks GRPO, DAPO, CISPO, RLOO, MaxRL)"),
+    "eval": ("rlsys.eval", "held-out pass@k of a model or checkpoint (model.path=...)"),
+    "sft": ("rlsys.sft", "the SFT warm start of the built-in tiny model (cached; rlsys-train runs it)"),
+    "difficulty": ("rlsys.difficulty", "per-prompt pass rates from K samples, and a hardest / easiest selection"),
+}
+
+
+def usage(app: str) -> str:
+    """The lines ``--help`` prints above Hydra's list of config groups and keys."""
+    name = app.rsplit(".", 1)[-1]
+    what = COMMANDS[name][1] if name in COMMANDS else ""
+    return "\n".join(
+        [
+            f"usage: rlsys-{name} [group=option ...] [key=value ...]   (or: python -m {app})",
+            "",
+            f"{what[:1].upper()}{what[1:]}.",
+            "Config groups pick YAML files under conf/; keys override one value. Every key, its default",
+            "and its meaning: docs/config.md. Other commands: rlsys --help.",
+            "",
+        ]
+    )
+
+
 T = TypeVar("T")
 
 
@@ -82,10 +108,14 @@ def hydra_entry(
     """
 
     def main() -> None:
+        if any(a in ("--help", "-h") for a in sys.argv[1:]):
+            print(usage(app))  # then Hydra's own: the config groups and the composed config
         import hydra
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
         from omegaconf import DictConfig
 
-        from rlsys.config import ConfigError, register_configs, to_dataclass
+        from rlsys.config import ConfigError, register_configs, sweep_labels, to_dataclass
 
         register_configs()
 
@@ -96,6 +126,9 @@ def hydra_entry(
                     status.phase = phase
                 try:
                     cfg = to_dataclass(dcfg)
+                    hydra_cfg = HydraConfig.get()
+                    if hydra_cfg.mode == RunMode.MULTIRUN:  # a sweep's job: group and label it for W&B
+                        cfg = sweep_labels(cfg, hydra_cfg.sweep.dir, list(hydra_cfg.overrides.task))
                     if resumable:
                         from rlsys.signals import rerun_command
 
@@ -116,4 +149,4 @@ def hydra_entry(
     return main
 
 
-__all__ = ["CONF_DIR", "setup_logging", "stop_on_signals", "fail", "hydra_entry"]
+__all__ = ["COMMANDS", "CONF_DIR", "setup_logging", "stop_on_signals", "fail", "hydra_entry", "usage"]

@@ -1,12 +1,11 @@
 """model=smollm2 for real: the shipped GGUF converted into a Hugging Face folder (tied embeddings, chat
-template and tokenizer kept), and a 2-step training job on it through vLLM, the reward pool and DeepSpeed."""
+template and tokenizer kept). The training job on it (vLLM, the reward pool, DeepSpeed, the sync check)
+runs in tests/integration/test_byo_guide.py, which takes the same converted folder through the
+bring-your-own guide (evaluation, then two steps of training)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -50,34 +49,3 @@ def test_the_conversion_is_the_pretrained_model_with_its_tokenizer(converted):
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     # The pretrained model's own (wrong) greedy answer: a random or mis-dequantized model says otherwise.
     assert tok.decode(out[0][ids["input_ids"].shape[1] :]).startswith("17 + 25 = 32")
-
-
-def test_a_two_step_job_trains_smollm2_end_to_end(converted, cache_dir, tmp_path):
-    out = tmp_path / "run"
-    env = dict(os.environ, RLSYS_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "rlsys.train",
-        "model=smollm2",
-        "data=arithmetic",
-        "trainer.total_steps=2",
-        "trainer.prompts_per_step=2",
-        "algo.group_size=4",
-        "rollout.max_tokens=24",
-        "learner.lr=1e-6",
-        "eval.num_prompts=4",
-        "eval.n=2",
-        "eval.k=[1,2]",
-        "logger=disabled",
-        f"run.output_dir={out}",
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in rows if "reward/mean" in r]
-    assert [r["step"] for r in steps] == [1, 2]
-    assert all(r["sync/logprob_diff"] < 0.1 for r in steps), [r["sync/logprob_diff"] for r in steps]
-    assert f"model {converted}" in res.stdout + res.stderr
-    assert (out / "checkpoints" / "step_000002").is_dir()
