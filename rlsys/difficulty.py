@@ -25,7 +25,6 @@ Examples::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ import numpy as np
 from rlsys.build import eval_pools
 from rlsys.choices import SELECT_MODES
 from rlsys.cli import hydra_entry
-from rlsys.config import RLConfig, resolve, validate
+from rlsys.config import RLConfig, resolve, run_config, validate
 from rlsys.data import PromptFormat, load_pool_rows
 from rlsys.eval import check_eval_resources, model_label, sample_and_grade
 from rlsys.fsutil import write_jsonl
@@ -300,7 +299,7 @@ def _run_difficulty(cfg: RLConfig) -> DifficultyRun:
         generate_seconds=sg.generate_seconds,
         grade_seconds=sg.grade_seconds,
         files={"annotated": str(annotated), "selected": str(selected_path)},
-        config=dataclasses.asdict(cfg),
+        config=run_config(cfg),
     )
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

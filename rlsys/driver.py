@@ -37,6 +37,7 @@ from rlsys.config import (
     TrainerConfig,
     local_cluster_cpus,
     resolve,
+    run_config,
     sync_bucket_bytes,
     sync_logprob_bound,
     validate,
@@ -293,6 +294,14 @@ def _train(cfg: RLConfig, out_dir: Path, injected: Actors | None) -> RunSummary:
                 maybe_evaluate(cfg, step, metrics, state, eval_rows, run.tokenizer, actors, logger)
                 logger.log(step, metrics)
                 logger.log_updates(step, [u.update_row() for u in updates])
+                # W&B only: the distributions behind algo/success_rate_mean and algo/focal_weight_*.
+                logger.log_histograms(
+                    step,
+                    {
+                        "algo/group_success_rate": (gstats.success_rate.tolist(), a.group_size + 1),
+                        "algo/group_focal_weight": (gstats.focal_weight.tolist(), 20),
+                    },
+                )
                 state.finish_step(step, metrics["reward/mean"])
                 log_step(step, t.total_steps, metrics, progress)
                 log_samples(run.tokenizer, groups.rows, groups.groups, groups.rewards, t.log_samples, step, logger)
@@ -422,7 +431,9 @@ def open_metrics(cfg: RLConfig, out_dir: Path, run: RunInputs) -> MetricsLogger:
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         run_name=cfg.run.name or f"{cfg.algo.name}-{out_dir.name}",
-        config=dataclasses.asdict(cfg),
+        group=cfg.run.group,
+        tags=cfg.run.tags,
+        config=run_config(cfg),
         run_id=saved.wandb_run_id if saved else None,
     )
 

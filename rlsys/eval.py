@@ -30,7 +30,6 @@ Names: P prompts (problems), n samples per prompt, K the list of k values.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -50,7 +49,7 @@ from rlsys.algo import pass_at_k
 # Re-exported: callers and scripts/study_fgrpo.py use rlsys.eval.eval_pools / make_*_pool.
 from rlsys.build import eval_pools, make_reward_pool, make_rollout_pool  # noqa: F401
 from rlsys.cli import hydra_entry
-from rlsys.config import ConfigError, RLConfig, resolve, validate
+from rlsys.config import ConfigError, RLConfig, resolve, run_config, validate
 from rlsys.data import PromptFormat, encode_prompt, load_eval_rows
 from rlsys.models import base_model_path, load_tokenizer
 from rlsys.progress import Progress
@@ -613,6 +612,7 @@ def run_evaluation(
     paths = write_eval_outputs(result, eval_output_dir(cfg), label)
     log.info("eval [%s]\n%s", label, format_table(result, f"held-out eval at step {step}"))
     logger.log_image(f"eval/plot_{label}", str(paths.png), step=step)
+    logger.log_pass_at_k(label, step, result.pass_at_k)
     return result
 
 
@@ -738,7 +738,7 @@ def _run_eval(cfg: RLConfig) -> EvalRun:
             max_prompts_per_call=e.max_prompts_per_call,
         )
 
-    config = dataclasses.asdict(cfg)
+    config = run_config(cfg)
     config["model_path_resolved"] = model_path
     paths = write_eval_outputs(result, out_dir, label, config=config)
     logger = MetricsLogger(
@@ -747,11 +747,14 @@ def _run_eval(cfg: RLConfig) -> EvalRun:
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         run_name=cfg.run.name or f"eval-{label}",
+        group=cfg.run.group,
+        tags=cfg.run.tags,
         config=config,
     )
     try:
         logger.log(0, eval_metrics(result))
         logger.log_image("eval/pass_at_k", str(paths.png), step=0)
+        logger.log_pass_at_k(label, 0, result.pass_at_k)
     finally:
         logger.close()
     title = (

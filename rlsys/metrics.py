@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -32,6 +33,8 @@ class MetricsLogger:
         run_name: str | None = None,
         config: dict | None = None,
         run_id: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
     ):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +54,8 @@ class MetricsLogger:
                 mode=cast(Literal["offline", "online", "disabled"], wandb_mode),
                 dir=str(self.dir),
                 config=config or {},
+                group=group,
+                tags=list(tags) if tags else None,
                 id=run_id,
                 resume="allow" if run_id else None,
                 reinit="finish_previous",
@@ -95,6 +100,39 @@ class MetricsLogger:
             import wandb
 
             self._wandb.log({key: wandb.Table(columns=list(columns), data=rows)}, step=int(step))
+
+    def log_histograms(self, step: int, values: Mapping[str, tuple[Sequence[float], int]]) -> None:
+        """Per-step distributions as W&B histograms, ``{key: (values, bins)}`` over [0, 1] (the B
+        groups' success rates, their focal weights). W&B only: metrics.jsonl keeps their summaries."""
+        if self._wandb is None:
+            return
+        import numpy as np
+        import wandb
+
+        self._wandb.log(
+            {
+                key: wandb.Histogram(
+                    np_histogram=np.histogram(np.asarray(v, dtype=np.float64), bins=bins, range=(0.0, 1.0))
+                )
+                for key, (v, bins) in values.items()
+            },
+            step=int(step),
+        )
+
+    def log_pass_at_k(self, label: str, step: int, pass_at_k: Mapping[int, float]) -> None:
+        """One evaluation's pass@k as a W&B table (``eval/pass_at_k_<label>``: k, log2 k, pass@k) and a
+        native W&B line plot of pass@k against log2 k (``eval/pass_at_k_plot_<label>``; W&B's line
+        plot has no log axis, so the x column is log2 k)."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        rows = [[int(k), math.log2(k), float(v)] for k, v in sorted(pass_at_k.items())]
+        table = wandb.Table(columns=["k", "log2_k", "pass@k"], data=rows)
+        plot = wandb.plot.line(
+            table, "log2_k", "pass@k", title=f"held-out pass@k against log2 k ({label}, step {step})"
+        )
+        self._wandb.log({f"eval/pass_at_k_{label}": table, f"eval/pass_at_k_plot_{label}": plot}, step=int(step))
 
     def log_image(self, key: str, path: str, step: int | None = None) -> None:
         if self._wandb is not None:

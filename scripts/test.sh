@@ -39,7 +39,7 @@ for tier in "${tiers[@]}"; do
   say "tier $name: pytest -m \"$expr\""
   t0=$(date +%s)
   set +e
-  python -m pytest -m "$expr" -p no:cacheprovider "$@"
+  python -m pytest -m "$expr" -p no:cacheprovider --durations=12 "$@"
   rc=$?
   set -e
   dt=$(( $(date +%s) - t0 ))

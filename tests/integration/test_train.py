@@ -238,6 +238,31 @@ def test_train_one_worker_each(tmp_path):
 
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
     AutoModelForCausalLM.from_pretrained(ckpt)  # loadable by transformers
+    assert_wandb_views(tmp_path, steps=2, group_size=4)
+
+
+def assert_wandb_views(tmp_path: Path, steps: int, group_size: int) -> None:
+    """The offline W&B run holds, per step, histograms of the B groups' success rates (one bin per
+    possible rate) and focal weights; per evaluation (start, end), a pass@k table and line plot; and
+    the resolved config."""
+    from tests import wandb_records
+
+    path = wandb_records.run_file(tmp_path / "run")
+    rows = wandb_records.history(path)
+    hists = {r["_step"]: r for r in rows if "algo/group_success_rate/values" in r}
+    assert sorted(hists) == list(range(1, steps + 1))
+    by_step = {r["step"]: r for r in metrics_of(tmp_path)}
+    for step, h in hists.items():
+        counts = h["algo/group_success_rate/values"]
+        assert len(counts) == group_size + 1 and sum(counts) == 4  # trainer.prompts_per_step groups
+        assert sum(h["algo/group_focal_weight/values"]) == 4
+        rates = np.repeat(np.arange(group_size + 1) / group_size, counts)
+        assert float(rates.mean()) == pytest.approx(by_step[step]["reward/success_rate"], abs=1e-6)
+    tables = {k for r in rows for k in r if k.startswith("eval/pass_at_k_") and k.endswith("/_type")}
+    for label in ("start", "end"):
+        assert {f"eval/pass_at_k_{label}/_type", f"eval/pass_at_k_plot_{label}_table/_type"} <= tables, tables
+    resolved = wandb_records.run_config(path)["resolved"]
+    assert resolved["sync.transport"] == "torchdist" and resolved["rollout.executor"] == "uni"
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

@@ -251,3 +251,17 @@ def test_rollout_executor_follows_tensor_parallel_size_and_refuses_what_cannot_w
         validate(make("rollout.engine=async", "sync.transport=object_store"))
     with pytest.raises(ConfigError, match=r"rollout.num_gpus_per_worker=1.*one GPU per TP rank"):
         validate(make("rollout.tensor_parallel_size=2", "rollout.num_gpus_per_worker=1"))
+
+
+def test_a_sweep_job_is_grouped_named_and_tagged_by_its_overrides_unless_set():
+    from rlsys.config import RLConfig, sweep_labels
+
+    cfg = sweep_labels(RLConfig(), "/x/multirun/fgrpo/", ["algo=grpo", "trainer.seed=1", "+data.limit=8"])
+    assert cfg.run.group == "fgrpo"
+    assert cfg.run.name == "+data.limit=8,algo=grpo,trainer.seed=1"
+    assert cfg.run.tags == ["algo", "trainer.seed", "data.limit"]
+    mine = RLConfig()
+    mine.run.group, mine.run.name, mine.run.tags = "mine", "my-run", ["paper"]
+    kept = sweep_labels(mine, "/x/sweep", ["algo=grpo"])
+    assert (kept.run.group, kept.run.name, kept.run.tags) == ("mine", "my-run", ["paper", "algo"])
+    assert RLConfig().run.tags == []  # the default is not shared or changed

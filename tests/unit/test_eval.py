@@ -453,9 +453,13 @@ def test_annotated_rows_load_back(tmp_path):
 class FakeLogger:
     def __init__(self):
         self.images: list[tuple[str, str, int]] = []
+        self.pass_at_k: list[tuple[str, int, dict]] = []
 
     def log_image(self, key, path, step):
         self.images.append((key, path, step))
+
+    def log_pass_at_k(self, label, step, pass_at_k):
+        self.pass_at_k.append((label, step, dict(pass_at_k)))
 
 
 def _train_cfg(tmp_path, **eval_values):
@@ -484,6 +488,7 @@ def test_in_training_evaluation_honours_eval_output_dir_and_max_prompts_per_call
     out = tmp_path / "elsewhere"
     assert sorted(p.name for p in out.iterdir()) == ["step_000004.csv", "step_000004.json", "step_000004.png"]
     assert logger.images == [("eval/plot_step_000004", str(out / "step_000004.png"), 4)]
+    assert logger.pass_at_k == [("step_000004", 4, result.pass_at_k)]  # W&B: the table and line plot
     assert not (tmp_path / "run" / "eval").exists()
     plot = plot_training_evals(cfg, {"start": result, "end": result}, len(rows))
     assert plot == str(out / "pass_at_k_start_vs_end.png") and Path(plot).is_file()
