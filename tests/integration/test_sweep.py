@@ -44,7 +44,7 @@ def test_a_local_sweep_runs_each_job_apart_grouped_in_wandb_and_collected(tmp_pa
         path = wandb_records.run_file(sweep / job)
         info = wandb_records.run_info(path)
         assert info["group"] == "sweep"
-        assert info["name"].startswith(f"algo={algo},")
+        assert f"algo={algo}" in info["name"].split(",")  # the name: the job's overrides, sorted
         assert {"algo", "trainer.total_steps", "cluster.num_cpus"} <= set(info["tags"])
         assert wandb_records.run_config(path)["algo"]["name"] == algo
         assert (sweep / job / "checkpoints" / "step_000001").is_dir()
