@@ -22,7 +22,7 @@ joining results back) on top. Its contract:
   the main thread pushes weights). The calls each ``call`` issues are issued together under a lock,
   so actors that form one collective group (the learner ranks) receive every thread's calls in the
   same order; ``submit`` does the same for calls issued without waiting. A replacement holds
-  ``replace_lock`` (which a caller may share, see :class:`rlsys.workers.rollout.RolloutGroup`) and
+  ``replace_lock`` (which the rollout group also lends out, see :class:`rlsys.workers.rollout.RolloutGroup`) and
   happens once per dead actor: a thread that finds the actor it called already replaced by
   another re-issues its call on the replacement instead of replacing it again.
 * ``shutdown()`` calls each actor's graceful method (skipped while the job is being stopped by a
@@ -140,7 +140,6 @@ class ActorGroup:
         ready_method: str = "ready",
         error_type: type[WorkerError] = WorkerError,
         timeout_type: type[WorkerTimeout] = WorkerTimeout,
-        replace_lock: threading.RLock | None = None,
     ):
         if num_workers < 1:
             raise ValueError(f"{labels.group} group needs num_workers >= 1, got {num_workers}")
@@ -162,7 +161,7 @@ class ActorGroup:
             else None
         )
         self.actors: list[Any] = []
-        self.replace_lock = replace_lock if replace_lock is not None else threading.RLock()
+        self.replace_lock = threading.RLock()  # held by every replacement; the rollout group lends it out
         self._submit_lock = threading.Lock()
 
     # ---- state ----------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ scripts/collect_sweep.py gathers the jobs into one table and plot."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,16 +14,9 @@ import pytest
 
 from tests import wandb_records
 from tests.integration.test_train import ROOT, SMALL, digit_data
+from tests.scripts import load_script
 
 pytestmark = pytest.mark.integration
-
-
-def _collector():
-    spec = importlib.util.spec_from_file_location("collect_sweep", ROOT / "scripts" / "collect_sweep.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_a_local_sweep_runs_each_job_apart_grouped_in_wandb_and_collected(tmp_path):
@@ -49,7 +41,7 @@ def test_a_local_sweep_runs_each_job_apart_grouped_in_wandb_and_collected(tmp_pa
         assert wandb_records.run_config(path)["algo"]["name"] == algo
         assert (sweep / job / "checkpoints" / "step_000001").is_dir()
 
-    result = _collector().collect(sweep, tmp_path / "collected")
+    result = load_script("collect_sweep").collect(sweep, tmp_path / "collected")
     assert [j["job"] for j in result["jobs"]] == ["0", "1"] and all(j["finished"] for j in result["jobs"])
     assert result["ks"] == [1, 4] and len(result["configs"]) == 2
     with open(tmp_path / "collected" / "sweep.csv") as fh:

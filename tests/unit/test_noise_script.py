@@ -3,25 +3,18 @@ side-by-side comparison, on metrics files written here (no training)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def noise() -> Any:
-    spec = importlib.util.spec_from_file_location("quickstart_noise", REPO / "scripts" / "quickstart_noise.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quickstart_noise"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("quickstart_noise")
 
 
 def _eval(step: int, p1: float, p4: float) -> dict[str, Any]:
